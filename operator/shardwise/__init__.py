@@ -1,0 +1,3 @@
+"""shardwise: plan and run large-model training layouts on Kubernetes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Thin kopf handlers: read state, call the planner and builders, apply children, patch status."""

@@ -1,0 +1,1 @@
+"""Prometheus collectors and the pure straggler / memory-balance analysis."""

@@ -1,0 +1,1 @@
+"""shardwise trainer: runs a planned TP x PP x ZeRO layout with torch + DeepSpeed."""
