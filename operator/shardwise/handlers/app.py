@@ -1,0 +1,215 @@
+"""kopf wiring: watch caches (indexes), event handlers that enqueue jobs, and the reconcile workers.
+
+Design: kopf provides watching, indexes, login and the liveness probe; the reconcile runs in our
+own keyed work queue rather than in kopf's change handlers. So there are no finalizers (a job
+stays deletable while the operator is down), no per-handler progress bookkeeping in the object,
+bursts of events coalesce into one pass, and passes of one job never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
+from shardwise.handlers.workqueue import WorkQueue
+from shardwise.jobstatus import finished
+from shardwise.kube.client import Kube
+from shardwise.metrics.operator_metrics import OperatorMetrics
+from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+def _store_values(index: Any, key: Any) -> list[dict[str, Any]]:
+    try:
+        return list(index[key])
+    except KeyError:
+        return []
+
+
+@dataclass
+class Controller:
+    """Process-wide state of the operator: caches, the queue, workers and metrics."""
+
+    kubeconfig: str | None = None
+    workers: int = 8
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
+    indexes: dict[str, Any] = field(default_factory=dict)
+    node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    failures: dict[JobKey, int] = field(default_factory=dict)
+    kube: Kube | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def view(self) -> ClusterView:
+        def one(name: str, key: Any) -> dict[str, Any] | None:
+            values = _store_values(self.indexes.get(name, {}), key)
+            return values[0] if values else None
+
+        return ClusterView(
+            job=lambda key: one("shardwise_jobs", key),
+            nodes=lambda: [v for vs in self.indexes.get("shardwise_nodes", {}).values() for v in vs],
+            bound_pods=lambda: _store_values(self.indexes.get("shardwise_bound_pods", {}), None),
+            job_pods=lambda key: _store_values(self.indexes.get("shardwise_job_pods", {}), key),
+        )
+
+    async def start(self) -> None:
+        self.kube = await Kube.connect(self.kubeconfig)
+        reconciler = Reconciler(self.kube, self.view(), on_pass=self.metrics.observe_job)
+        self.tasks = [asyncio.create_task(self._work(reconciler)) for _ in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.kube is not None:
+            await self.kube.close()
+
+    async def _work(self, reconciler: Reconciler) -> None:
+        while True:
+            key = await self.queue.get()
+            started = time.perf_counter()
+            try:
+                requeue = await reconciler.reconcile(key)
+                self.failures.pop(key, None)
+                if requeue is not None:
+                    self.queue.add_after(key, requeue)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                count = self.failures[key] = self.failures.get(key, 0) + 1
+                delay = min(300.0, 0.5 * 2 ** min(count, 10))
+                self.metrics.reconcile_errors.inc()
+                log.exception("ParallelTrainingJob %s/%s: reconcile failed; retry in %.1fs", *key, delay)
+                self.queue.add_after(key, delay)
+            finally:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                self.queue.done(key)
+
+    def poke_waiting_jobs(self) -> None:
+        """Inventory changed: every job that is not finished gets a pass (unplanned ones may fit now)."""
+        for values in self.indexes.get("shardwise_jobs", {}).values():
+            for job in values:
+                if not finished(job.get("status") or {}):
+                    meta = job["metadata"]
+                    self.queue.add((meta["namespace"], meta["name"]))
+
+
+CONTROLLER = Controller()
+
+
+def _remember_indexes(kwargs: dict[str, Any]) -> None:
+    for name in ("shardwise_jobs", "shardwise_nodes", "shardwise_bound_pods", "shardwise_job_pods"):
+        if name in kwargs:
+            CONTROLLER.indexes[name] = kwargs[name]
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Nothing of kopf's own bookkeeping lands in status; annotations under our prefix instead.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.shardwise.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.shardwise.dev")
+    # A stalled watch is abandoned and re-listed instead of hanging forever.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.WARNING
+    await CONTROLLER.start()
+
+
+@kopf.on.cleanup()
+async def _cleanup(**_: Any) -> None:
+    await CONTROLLER.stop()
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def shardwise_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("", "v1", "nodes")
+def shardwise_nodes(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {name: _plain(body)}
+
+
+def _is_bound_and_live(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    return bool(spec.get("nodeName")) and status.get("phase") not in ("Succeeded", "Failed")
+
+
+@kopf.index("", "v1", "pods", when=_is_bound_and_live)
+def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    # Only what the inventory needs: who holds which GPUs on which node.
+    return {
+        None: {
+            "metadata": {
+                "name": body["metadata"].get("name"),
+                "namespace": body["metadata"].get("namespace"),
+                "labels": dict(body["metadata"].get("labels") or {}),
+            },
+            "spec": {
+                "nodeName": body["spec"].get("nodeName"),
+                "containers": [
+                    {"resources": copy.deepcopy(c.get("resources") or {})}
+                    for c in body["spec"].get("containers") or []
+                ],
+                "initContainers": [
+                    {"resources": copy.deepcopy(c.get("resources") or {})}
+                    for c in body["spec"].get("initContainers") or []
+                ],
+            },
+            "status": {"phase": body.get("status", {}).get("phase")},
+        }
+    }
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def shardwise_job_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): _plain(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
+    _remember_indexes(kwargs)
+    key = (namespace or "", name)
+    if event.get("type") == "DELETED":
+        CONTROLLER.queue.forget(key)
+        CONTROLLER.metrics.forget_job(key)
+        return
+    CONTROLLER.queue.add(key)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def _job_pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    _remember_indexes(kwargs)
+    CONTROLLER.queue.add((namespace or "", labels[LABEL_JOB]))
+
+
+@kopf.on.event("", "v1", "nodes")
+def _node_event(event: kopf.RawEvent, name: str, body: kopf.Body, **kwargs: Any) -> None:
+    _remember_indexes(kwargs)
+    status = body.get("status") or {}
+    ready = [c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    signature = (
+        event.get("type") == "DELETED",
+        tuple(sorted((status.get("allocatable") or {}).items())),
+        tuple(sorted((body["metadata"].get("labels") or {}).items())),
+        tuple(ready),
+        bool((body.get("spec") or {}).get("unschedulable")),
+        len((body.get("spec") or {}).get("taints") or []),
+    )
+    if CONTROLLER.node_signatures.get(name) != signature:
+        CONTROLLER.node_signatures[name] = signature
+        CONTROLLER.poke_waiting_jobs()

@@ -1,0 +1,256 @@
+"""One trainer pod per node: torchrun in front of the user's command, with the env contract.
+
+The env names and file paths are the contract of docs/layout-contract.md; the trainer side
+defines them in shardwise_trainer/contract.py and a test holds this builder against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from shardwise.resources.names import (
+    DS_CONFIG_FILE_KEY,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_NODE_RANK,
+    LAYOUT_FILE_KEY,
+    LAYOUT_MOUNT_PATH,
+    RENDEZVOUS_PORT,
+    TRAINER_CONTAINER,
+    TRAINER_METRICS_PORT,
+    configmap_name,
+    pod_name,
+    rendezvous_host,
+    service_name,
+)
+from shardwise.resources.owner import child_metadata
+
+DEFAULT_TRAINER_COMMAND: Final = ("python", "-m", "shardwise_trainer")
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+# Variables torchrun or the operator set; a template that sets them would silently break the
+# rendezvous, so the CRD rejects them and the builder refuses them too.
+RESERVED_ENV: Final = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+    }
+)
+RESERVED_ENV_PREFIX: Final = "SHARDWISE_"
+
+
+class TemplateError(ValueError):
+    """The job's pod template cannot be turned into trainer pods (a user mistake)."""
+
+
+@dataclass(frozen=True)
+class PodShape:
+    """The part of the plan a pod needs: how many nodes and processes, and which attempt."""
+
+    nodes: int
+    gpus_per_node: int
+    attempt: int
+    gpu_resource: str = "nvidia.com/gpu"
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+
+
+def rendezvous_id(job: dict[str, Any], attempt: int) -> str:
+    """Unique per attempt, so a restarted gang never joins the previous attempt's rendezvous."""
+    return f"{job['metadata']['uid']}-{attempt}"
+
+
+def trainer_container(template_spec: dict[str, Any]) -> dict[str, Any]:
+    """The container named `trainer`, or the only container when there is just one."""
+    containers: list[dict[str, Any]] = template_spec.get("containers") or []
+    for container in containers:
+        if container.get("name") == TRAINER_CONTAINER:
+            return container
+    if len(containers) == 1:
+        return containers[0]
+    raise TemplateError(
+        f"spec.template.spec.containers must contain a container named {TRAINER_CONTAINER!r}"
+        f" (found {[c.get('name') for c in containers]})"
+    )
+
+
+def torchrun_target(argv: list[str]) -> list[str]:
+    """Turn the user's command into what follows torchrun's options.
+
+    `python -m mod args` -> `--module mod args`; `python script.py args` -> `script.py args`;
+    anything else -> `--no-python cmd args` (torchrun then execs the binary per rank).
+    """
+    if not argv:
+        argv = list(DEFAULT_TRAINER_COMMAND)
+    if posixpath.basename(argv[0]) in {"torchrun"} or argv[:3][-2:] == ["-m", "torch.distributed.run"]:
+        raise TemplateError(
+            "spec.template trainer command must not call torchrun: shardwise runs torchrun itself"
+        )
+    if _PYTHON.match(posixpath.basename(argv[0])):
+        rest = argv[1:]
+        if rest[:1] == ["-m"] and len(rest) >= 2:
+            return ["--module", *rest[1:]]
+        if rest and not rest[0].startswith("-"):
+            return rest
+        raise TemplateError(f"cannot run {argv!r} under torchrun: give `python -m MODULE` or a script")
+    return ["--no-python", *argv]
+
+
+def torchrun_command(job: dict[str, Any], shape: PodShape, node_rank: int, user_argv: list[str]) -> list[str]:
+    """The full container command: torchrun with a c10d rendezvous on node 0, then the trainer."""
+    name = job["metadata"]["name"]
+    return [
+        "torchrun",
+        f"--nnodes={shape.nodes}",
+        f"--nproc-per-node={shape.gpus_per_node}",
+        f"--node-rank={node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rendezvous_host(name)}:{RENDEZVOUS_PORT}",
+        f"--rdzv-id={rendezvous_id(job, shape.attempt)}",
+        # Node 0 hosts the rendezvous store. Said explicitly rather than guessed from hostnames,
+        # which fails wherever every address looks local (several pods on one machine).
+        f"--rdzv-conf=is_host={'true' if node_rank == 0 else 'false'}",
+        # Advertise the pod IP (the kubelet expands $(VAR) from the env below), not a hostname
+        # that other pods may not resolve.
+        "--local-addr=$(SHARDWISE_POD_IP)",
+        # The operator restarts the whole gang as a new attempt; torchrun must not restart
+        # workers in place behind its back.
+        "--max-restarts=0",
+        *torchrun_target(user_argv),
+    ]
+
+
+def contract_env(job: dict[str, Any], shape: PodShape, node_rank: int) -> list[dict[str, Any]]:
+    """The SHARDWISE_* variables of the layout contract, set on the trainer container."""
+    meta = job["metadata"]
+
+    def field(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    env: list[dict[str, Any]] = [
+        {"name": "SHARDWISE_LAYOUT_FILE", "value": f"{LAYOUT_MOUNT_PATH}/{LAYOUT_FILE_KEY}"},
+        {"name": "SHARDWISE_DS_CONFIG_FILE", "value": f"{LAYOUT_MOUNT_PATH}/{DS_CONFIG_FILE_KEY}"},
+        {"name": "SHARDWISE_JOB_NAME", "value": meta["name"]},
+        {"name": "SHARDWISE_NAMESPACE", "value": meta["namespace"]},
+        {"name": "SHARDWISE_POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "SHARDWISE_NODE_NAME", "valueFrom": field("spec.nodeName")},
+        {"name": "SHARDWISE_POD_IP", "valueFrom": field("status.podIP")},
+        {"name": "SHARDWISE_NODE_RANK", "value": str(node_rank)},
+        {"name": "SHARDWISE_ATTEMPT", "value": str(shape.attempt)},
+        {"name": "SHARDWISE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "SHARDWISE_CHECKPOINT_DIR", "value": shape.checkpoint_dir},
+        {"name": "SHARDWISE_CHECKPOINT_EVERY", "value": str(shape.checkpoint_every)},
+    ]
+    return env
+
+
+def _check_user_env(container: dict[str, Any]) -> None:
+    for item in container.get("env") or []:
+        var = str(item.get("name", ""))
+        if var in RESERVED_ENV or var.startswith(RESERVED_ENV_PREFIX):
+            raise TemplateError(
+                f"spec.template env {var!r} is reserved: torchrun or shardwise sets it for every rank"
+            )
+
+
+_RESTRICTED_CONTAINER: Final[dict[str, Any]] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str, Any]:
+    """The pod `<job>-node-<i>`: the user's template with torchrun, env, GPUs, shm and placement."""
+    if not 0 <= node_rank < shape.nodes:
+        raise ValueError(f"node rank {node_rank} outside 0..{shape.nodes - 1}")
+    name = job["metadata"]["name"]
+    spec = job["spec"]
+    resources_spec: dict[str, Any] = spec.get("resources") or {}
+    template: dict[str, Any] = copy.deepcopy(spec.get("template") or {})
+    pod_spec: dict[str, Any] = template.get("spec") or {}
+    pod_spec.setdefault("containers", [{"name": TRAINER_CONTAINER}])
+    container = trainer_container(pod_spec)
+    _check_user_env(container)
+
+    user_argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    container["command"] = torchrun_command(job, shape, node_rank, user_argv)
+    container.pop("args", None)
+    container["env"] = [*(container.get("env") or []), *contract_env(job, shape, node_rank)]
+
+    res = container.setdefault("resources", {})
+    gpus = str(shape.gpus_per_node)
+    # Extended resources must have requests == limits; GPUs cannot be overcommitted.
+    res.setdefault("limits", {})[shape.gpu_resource] = gpus
+    res.setdefault("requests", {})[shape.gpu_resource] = gpus
+
+    ports = container.setdefault("ports", [])
+    known = {p.get("containerPort") for p in ports}
+    if TRAINER_METRICS_PORT not in known:
+        ports.append({"name": "metrics", "containerPort": TRAINER_METRICS_PORT})
+    if node_rank == 0 and RENDEZVOUS_PORT not in known:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+
+    mounts = container.setdefault("volumeMounts", [])
+    mounts.append({"name": "shardwise-layout", "mountPath": LAYOUT_MOUNT_PATH, "readOnly": True})
+    # NCCL and DataLoader workers use /dev/shm; the container runtime's 64 MiB default breaks them.
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    volumes = pod_spec.setdefault("volumes", [])
+    volumes.append({"name": "shardwise-layout", "configMap": {"name": configmap_name(name)}})
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+
+    if "securityContext" not in container:
+        container["securityContext"] = copy.deepcopy(_RESTRICTED_CONTAINER)
+
+    pod_spec["hostname"] = pod_name(name, node_rank)
+    pod_spec["subdomain"] = service_name(name)
+    pod_spec["restartPolicy"] = "Never"
+    pod_spec.setdefault("enableServiceLinks", False)
+
+    node_selector = dict(pod_spec.get("nodeSelector") or {})
+    node_selector.update(resources_spec.get("nodeSelector") or {})
+    if resources_spec.get("gpuProduct"):
+        node_selector["nvidia.com/gpu.product"] = resources_spec["gpuProduct"]
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [*(pod_spec.get("tolerations") or []), *(resources_spec.get("tolerations") or [])]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+    # Two pods of one job on one node would fight over its GPUs and break node-rank accounting.
+    affinity = pod_spec.setdefault("affinity", {})
+    anti = affinity.setdefault("podAntiAffinity", {})
+    anti.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(
+        {
+            "labelSelector": {"matchLabels": {LABEL_JOB: name}},
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    )
+
+    template_meta: dict[str, Any] = template.get("metadata") or {}
+    meta = child_metadata(
+        job,
+        pod_name(name, node_rank),
+        "trainer",
+        {LABEL_NODE_RANK: str(node_rank), LABEL_ATTEMPT: str(shape.attempt)},
+    )
+    meta["labels"] = {**(template_meta.get("labels") or {}), **meta["labels"]}
+    if template_meta.get("annotations"):
+        meta["annotations"] = dict(template_meta["annotations"])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def build_pods(job: dict[str, Any], shape: PodShape) -> list[dict[str, Any]]:
+    """All pods of one attempt, node rank 0 first."""
+    return [build_pod(job, shape, rank) for rank in range(shape.nodes)]

@@ -1,0 +1,345 @@
+"""The operator against the real local control plane: plan, children, status, events, GC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.operator_process import OperatorProcess, running_operator
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
+    """Poll until probe returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except subprocess.CalledProcessError as exc:
+            last = exc.stderr or exc
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class Kubectl:
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.cluster.kubeconfig), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json"))
+
+    def try_json(self, *args: str) -> Any:
+        try:
+            return self.json(*args)
+        except subprocess.CalledProcessError:
+            return None
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+
+
+@pytest.fixture(scope="module")
+def kubectl(cluster: Any) -> Kubectl:
+    k = Kubectl(cluster)
+    k("apply", "--server-side", "-f", str(CRD))
+    k("wait", "--for=condition=Established", "--timeout=60s", "crd/paralleltrainingjobs.shardwise.dev")
+    return k
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with running_operator(cluster.kubeconfig, log) as op:
+        yield op
+    print(op.log()[-20000:])
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false")
+
+
+def job_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"preset": "llama-2-7b"},
+        "training": {"method": "full", "precision": "bf16", "sequenceLength": 4096, "globalBatchSize": 16},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": "ghcr.io/example/shardwise-trainer:test",
+                        "command": ["python", "-m", "shardwise_trainer"],
+                        "args": ["--synthetic-data"],
+                    }
+                ]
+            }
+        },
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "shardwise.dev/v1alpha1",
+        "kind": "ParallelTrainingJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def condition(job: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return dict(cond)
+    return None
+
+
+def job_pods(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = kubectl.json("get", "pods", "-n", namespace, "-l", f"shardwise.dev/job-name={name}")["items"]
+    return sorted(items, key=lambda p: p["metadata"]["name"])
+
+
+def events_for(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = kubectl.json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")[
+        "items"
+    ]
+    return list(items)
+
+
+def test_job_is_planned_and_its_children_follow_the_plan(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(job_manifest("llama", namespace))
+
+    pods = wait_for(
+        "two trainer pods", lambda: (p := job_pods(kubectl, namespace, "llama")) and len(p) == 2 and p
+    )
+    job = kubectl.json("get", "ptj", "llama", "-n", namespace)
+    layout = job["status"]["layout"]
+    planned = condition(job, "Planned")
+    assert planned is not None
+    assert planned["status"] == "True"
+    assert (layout["nodes"], layout["gpusPerNode"]) == (2, 8)
+
+    # The same inputs through the offline CLI give the same layout.
+    cli = subprocess.run(
+        [
+            sys.executable, "-m", "shardwise.cli", "plan", "--model", "llama-2-7b", "--nodes", "2",
+            "--gpus-per-node", "8", "--gpu", "NVIDIA-H100-80GB-HBM3", "--gpu-memory", "81559MiB",
+            "--seq", "4096", "--global-batch", "16", "--method", "full", "--precision", "bf16", "--json",
+        ],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    offline = json.loads(cli.stdout)["layout"]
+    assert (layout["tensor"], layout["pipeline"], layout["data"], layout["zeroStage"]) == (
+        offline["tp"], offline["pp"], offline["dp"], offline["zero_stage"],
+    )  # fmt: skip
+    assert (layout["microBatchSize"], layout["gradientAccumulation"]) == (
+        offline["micro_batch"],
+        offline["grad_accum"],
+    )
+    assert layout["activationCheckpointing"] == offline["checkpointing"]
+    assert layout["offload"] == offline["offload"]
+
+    svc = kubectl.json("get", "service", "llama", "-n", namespace)
+    assert svc["spec"]["clusterIP"] == "None"
+    cm = kubectl.json("get", "configmap", "llama-layout", "-n", namespace)
+    doc = json.loads(cm["data"]["layout.json"])
+    assert doc["layout"]["tp"] == layout["tensor"]
+    assert json.loads(cm["data"]["ds_config.json"]) == doc["deepspeed"]
+
+    for rank, pod in enumerate(pods):
+        container = pod["spec"]["containers"][0]
+        assert container["command"][:4] == [
+            "torchrun",
+            "--nnodes=2",
+            "--nproc-per-node=8",
+            f"--node-rank={rank}",
+        ]
+        assert "--rdzv-endpoint=llama-node-0.llama:29400" in container["command"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        owner = pod["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("ParallelTrainingJob", "llama", True)
+
+    # The real scheduler binds them to two different KWOK GPU nodes; KWOK runs them.
+    def all_running() -> list[dict[str, Any]] | None:
+        current = job_pods(kubectl, namespace, "llama")
+        return current if current and all(p["status"].get("phase") == "Running" for p in current) else None
+
+    pods = wait_for("pods scheduled and running", all_running)
+    assert len({p["spec"]["nodeName"] for p in pods}) == 2
+    wait_for(
+        "job Running",
+        lambda: (
+            (c := condition(kubectl.json("get", "ptj", "llama", "-n", namespace), "Running"))
+            and c["status"] == "True"
+        ),
+    )
+
+    for pod in pods:
+        kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "kwok.shardwise.dev/exit-code=0")
+    job = wait_for(
+        "job Succeeded",
+        lambda: (
+            (j := kubectl.json("get", "ptj", "llama", "-n", namespace))["status"].get("phase") == "Succeeded"
+            and j
+        ),
+    )
+    succeeded = condition(job, "Succeeded")
+    assert succeeded is not None
+    assert succeeded["reason"] == "AllPodsSucceeded"
+    assert job["status"]["completionTime"]
+    assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
+    reasons = {e["reason"] for e in events_for(kubectl, namespace, "llama")}
+    assert {"LayoutPlanned", "PodsCreated", "AllPodsRunning", "AllPodsSucceeded"} <= reasons
+
+    # Nothing left to do: the operator stops writing (no hot loop on a finished job).
+    version = kubectl.json("get", "ptj", "llama", "-n", namespace)["metadata"]["resourceVersion"]
+    time.sleep(3)
+    assert kubectl.json("get", "ptj", "llama", "-n", namespace)["metadata"]["resourceVersion"] == version
+
+
+def test_a_failed_pod_fails_the_job_with_the_pod_and_exit_code(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(job_manifest("crash", namespace, resources={"nodes": 1, "gpusPerNode": 8}))
+    wait_for(
+        "pod running",
+        lambda: (p := job_pods(kubectl, namespace, "crash")) and p[0]["status"].get("phase") == "Running",
+    )
+    kubectl("annotate", "pod", "crash-node-0", "-n", namespace, "kwok.shardwise.dev/exit-code=3")
+    job = wait_for(
+        "job Failed",
+        lambda: (
+            (j := kubectl.json("get", "ptj", "crash", "-n", namespace))["status"].get("phase") == "Failed"
+            and j
+        ),
+    )
+    failed = condition(job, "Failed")
+    assert failed is not None
+    assert failed["reason"] == "TrainerExitedWithError"
+    assert "crash-node-0" in failed["message"]
+    assert "code 3" in failed["message"]
+    assert any(
+        e["reason"] == "TrainerExitedWithError" and e["type"] == "Warning"
+        for e in events_for(kubectl, namespace, "crash")
+    )
+
+
+def test_deleting_the_job_garbage_collects_every_child(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(job_manifest("gone", namespace, resources={"nodes": 1, "gpusPerNode": 4}))
+    wait_for("pod", lambda: job_pods(kubectl, namespace, "gone"))
+    kubectl("delete", "ptj", "gone", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def no_children() -> bool:
+        return (
+            not job_pods(kubectl, namespace, "gone")
+            and kubectl.try_json("get", "service", "gone", "-n", namespace) is None
+            and kubectl.try_json("get", "configmap", "gone-layout", "-n", namespace) is None
+        )
+
+    wait_for("children garbage-collected", no_children, timeout=90)
+
+
+def test_a_job_that_cannot_fit_gets_a_condition_and_an_event_and_no_pods(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(
+        job_manifest(
+            "huge",
+            namespace,
+            model={"preset": "qwen2-72b"},
+            training={"method": "full", "precision": "bf16", "sequenceLength": 4096, "offload": "none"},
+            resources={"nodes": 1, "gpusPerNode": 8},
+        )
+    )
+    job = wait_for(
+        "Planned=False",
+        lambda: (
+            (j := kubectl.json("get", "ptj", "huge", "-n", namespace))
+            and (c := condition(j, "Planned"))
+            and c["status"] == "False"
+            and j
+        ),
+    )
+    planned = condition(job, "Planned")
+    assert planned is not None
+    assert planned["reason"] == "InsufficientGpuMemory"
+    assert "GiB" in planned["message"]
+    assert job["status"]["phase"] == "Pending"
+    events = wait_for(
+        "a Warning event",
+        lambda: [e for e in events_for(kubectl, namespace, "huge") if e["type"] == "Warning"],
+    )
+    assert events[0]["reason"] == "InsufficientGpuMemory"
+    assert job_pods(kubectl, namespace, "huge") == []
+    # Not hot-looped: nothing is rewritten while nothing changes.
+    version = job["metadata"]["resourceVersion"]
+    time.sleep(3)
+    assert kubectl.json("get", "ptj", "huge", "-n", namespace)["metadata"]["resourceVersion"] == version
+    assert len([e for e in events_for(kubectl, namespace, "huge") if e["type"] == "Warning"]) == 1
+
+
+def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
+    cluster: Any, kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    product = "NVIDIA-A100-SXM4-80GB"
+    kubectl.apply(
+        job_manifest(
+            "waits",
+            namespace,
+            resources={"nodes": 1, "gpusPerNode": 8, "gpuProduct": product},
+        )
+    )
+    job = wait_for(
+        "Planned=False",
+        lambda: (
+            (j := kubectl.json("get", "ptj", "waits", "-n", namespace))
+            and (c := condition(j, "Planned"))
+            and c["status"] == "False"
+            and j
+        ),
+    )
+    planned = condition(job, "Planned")
+    assert planned is not None
+    assert planned["reason"] == "NoGpuNodes"
+
+    cluster.add_gpu_nodes(1, gpus_per_node=8, gpu_product=product, gpu_memory_mib=81920)
+    pods = wait_for("the job's pod", lambda: job_pods(kubectl, namespace, "waits"), timeout=90)
+    job = kubectl.json("get", "ptj", "waits", "-n", namespace)
+    planned = condition(job, "Planned")
+    assert planned is not None
+    assert planned["status"] == "True"
+    assert job["status"]["layout"]["gpuMemoryBytes"] == 81920 * 2**20
+    assert pods[0]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == product

@@ -1,0 +1,196 @@
+"""Unit tests of the pure child builders: Service, ConfigMap and the torchrun pods."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from shardwise.resources.configmap import build_configmap
+from shardwise.resources.names import LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE_RANK, pod_name
+from shardwise.resources.pods import PodShape, TemplateError, build_pod, build_pods, torchrun_target
+from shardwise.resources.service import build_service
+
+
+def job(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "apiVersion": "shardwise.dev/v1alpha1",
+        "kind": "ParallelTrainingJob",
+        "metadata": {"name": "llama", "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": {
+            "model": {"preset": "llama-2-7b"},
+            "resources": {"nodes": 2, "gpusPerNode": 8},
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "example/trainer:1",
+                            "command": ["python", "-m", "shardwise_trainer"],
+                            "args": ["--steps", "10"],
+                            "env": [{"name": "DS_ACCELERATOR", "value": "cpu"}],
+                        }
+                    ]
+                }
+            },
+        },
+    }
+    base["spec"].update(spec)
+    return base
+
+
+SHAPE = PodShape(nodes=2, gpus_per_node=8, attempt=3)
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    container = pod["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_service_is_headless_and_publishes_not_ready_addresses() -> None:
+    svc = build_service(job())
+    assert svc["metadata"]["name"] == "llama"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {LABEL_JOB: "llama"}
+    owner = svc["metadata"]["ownerReferences"][0]
+    assert owner == {
+        "apiVersion": "shardwise.dev/v1alpha1",
+        "kind": "ParallelTrainingJob",
+        "name": "llama",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def test_configmap_holds_layout_and_deepspeed_config_deterministically() -> None:
+    doc = {"version": 1, "layout": {"tp": 1}, "deepspeed": {"train_batch_size": 8}}
+    cm = build_configmap(job(), doc)
+    assert cm["metadata"]["name"] == "llama-layout"
+    assert json.loads(cm["data"]["layout.json"]) == doc
+    assert json.loads(cm["data"]["ds_config.json"]) == {"train_batch_size": 8}
+    assert build_configmap(job(), dict(reversed(list(doc.items())))) == cm
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["python", "-m", "shardwise_trainer", "--steps", "3"],
+            ["--module", "shardwise_trainer", "--steps", "3"],
+        ),
+        (["python3", "train.py", "--lr", "1"], ["train.py", "--lr", "1"]),
+        (["/usr/bin/python3.11", "-m", "pkg.mod"], ["--module", "pkg.mod"]),
+        (["/opt/bin/trainer", "--x"], ["--no-python", "/opt/bin/trainer", "--x"]),
+        ([], ["--module", "shardwise_trainer"]),
+    ],
+)
+def test_torchrun_target(argv: list[str], expected: list[str]) -> None:
+    assert torchrun_target(argv) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["torchrun", "train.py"], ["python", "-m", "torch.distributed.run", "x.py"], ["python", "-u"]],
+)
+def test_torchrun_target_rejects(argv: list[str]) -> None:
+    with pytest.raises(TemplateError):
+        torchrun_target(argv)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_pod_runs_torchrun_with_rendezvous_on_node_zero(rank: int) -> None:
+    pod = build_pod(job(), SHAPE, rank)
+    assert pod["metadata"]["name"] == pod_name("llama", rank)
+    assert pod["metadata"]["labels"][LABEL_NODE_RANK] == str(rank)
+    assert pod["metadata"]["labels"][LABEL_ATTEMPT] == "3"
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:7] == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        f"--node-rank={rank}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=llama-node-0.llama:29400",
+        "--rdzv-id=u-1-3",
+    ]
+    assert command[7] == f"--rdzv-conf=is_host={'true' if rank == 0 else 'false'}"
+    assert command[8] == "--local-addr=$(SHARDWISE_POD_IP)"
+    assert command[-4:] == ["--module", "shardwise_trainer", "--steps", "10"]
+    assert "args" not in pod["spec"]["containers"][0]
+    assert pod["spec"]["hostname"] == f"llama-node-{rank}"
+    assert pod["spec"]["subdomain"] == "llama"
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_pod_requests_gpus_shm_layout_and_anti_affinity() -> None:
+    pod = build_pod(job(), SHAPE, 1)
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts == {"/etc/shardwise": "shardwise-layout", "/dev/shm": "dshm"}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["shardwise-layout"]["configMap"]["name"] == "llama-layout"
+    term = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term == {
+        "labelSelector": {"matchLabels": {LABEL_JOB: "llama"}},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_pod_env_contract_and_user_env_kept() -> None:
+    env = env_of(build_pod(job(), SHAPE, 1))
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert env["SHARDWISE_LAYOUT_FILE"] == "/etc/shardwise/layout.json"
+    assert env["SHARDWISE_DS_CONFIG_FILE"] == "/etc/shardwise/ds_config.json"
+    assert env["SHARDWISE_NODE_RANK"] == "1"
+    assert env["SHARDWISE_ATTEMPT"] == "3"
+    assert env["SHARDWISE_JOB_NAME"] == "llama"
+    assert env["SHARDWISE_NAMESPACE"] == "ml"
+    assert env["SHARDWISE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+@pytest.mark.parametrize("name", ["RANK", "MASTER_ADDR", "WORLD_SIZE", "SHARDWISE_ATTEMPT"])
+def test_reserved_env_is_refused(name: str) -> None:
+    spec = job()["spec"]
+    spec["template"]["spec"]["containers"][0]["env"].append({"name": name, "value": "1"})
+    with pytest.raises(TemplateError, match=name):
+        build_pod(job(template=spec["template"]), SHAPE, 0)
+
+
+def test_placement_from_resources() -> None:
+    j = job(
+        resources={
+            "nodes": 2,
+            "gpusPerNode": 8,
+            "gpuResource": "example.com/gpu",
+            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+            "nodeSelector": {"pool": "train"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }
+    )
+    pod = build_pod(j, PodShape(nodes=2, gpus_per_node=8, attempt=0, gpu_resource="example.com/gpu"), 0)
+    assert pod["spec"]["nodeSelector"] == {"pool": "train", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"example.com/gpu": "8"}
+
+
+def test_builders_do_not_mutate_the_job_and_render_identically() -> None:
+    j = job()
+    snapshot = json.dumps(j, sort_keys=True)
+    first = build_pods(j, SHAPE)
+    assert build_pods(j, SHAPE) == first
+    assert json.dumps(j, sort_keys=True) == snapshot
+    assert [p["metadata"]["name"] for p in first] == ["llama-node-0", "llama-node-1"]
+
+
+def test_trainer_container_must_be_identifiable() -> None:
+    spec = job()["spec"]
+    spec["template"]["spec"]["containers"] = [{"name": "a"}, {"name": "b"}]
+    with pytest.raises(TemplateError, match="trainer"):
+        build_pod(job(template=spec["template"]), SHAPE, 0)
