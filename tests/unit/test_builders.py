@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shardwise.resources.configmap import build_configmap
 from shardwise.resources.names import LABEL_ATTEMPT, LABEL_JOB, LABEL_NODE_RANK, pod_name
-from shardwise.resources.pods import PodShape, TemplateError, build_pod, build_pods, torchrun_target
+from shardwise.resources.pods import (
+    RESERVED_ENV,
+    PodShape,
+    TemplateError,
+    build_pod,
+    build_pods,
+    torchrun_target,
+)
 from shardwise.resources.service import build_service
 
 
@@ -194,3 +203,12 @@ def test_trainer_container_must_be_identifiable() -> None:
     spec["template"]["spec"]["containers"] = [{"name": "a"}, {"name": "b"}]
     with pytest.raises(TemplateError, match="trainer"):
         build_pod(job(template=spec["template"]), SHAPE, 0)
+
+
+def test_reserved_env_names_match_the_crd_rule() -> None:
+    crd = (
+        Path(__file__).resolve().parents[2] / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
+    ).read_text()
+    rule = re.search(r"!\(self in \[([^\]]*)\]", crd)
+    assert rule is not None
+    assert set(re.findall(r"'([A-Z_]+)'", rule.group(1))) == set(RESERVED_ENV)

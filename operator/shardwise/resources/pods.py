@@ -41,10 +41,16 @@ RESERVED_ENV: Final = frozenset(
         "WORLD_SIZE",
         "LOCAL_WORLD_SIZE",
         "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
         "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "ROLE_NAME",
         "MASTER_ADDR",
         "MASTER_PORT",
         "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_USE_AGENT_STORE",
     }
 )
 RESERVED_ENV_PREFIX: Final = "SHARDWISE_"
