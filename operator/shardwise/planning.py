@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from shardwise.inventory import Shape
+from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec
+from shardwise.planner import PlanInputError, PlanResult, gpu, plan
+from shardwise.planner.units import GIB
+from shardwise.resources.layout_file import layout_document_for, status_layout
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,76 @@ class PlanOutcome:
     layout_status: dict[str, Any] | None = None
 
 
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def _infeasible(result: PlanResult) -> PlanOutcome:
+    choice = result.choice
+    if choice is None:
+        message = "no layout satisfies the constraints"
+        if result.rejected:
+            message += ": " + "; ".join(f"{r.reason} ({r.count})" for r in result.rejected[:3])
+        return PlanOutcome(False, "NoValidLayout", message)
+    host_only = all("host" in p.lower() or "cpu memory" in p.lower() for p in choice.problems)
+    reason = "InsufficientHostMemory" if choice.problems and host_only else "InsufficientGpuMemory"
+    parts = [
+        f"closest layout {choice.layout.describe()} needs {_gib(choice.memory.total)} per GPU of"
+        f" {_gib(choice.capacity)}"
+    ]
+    if result.diagnosis is not None:
+        parts = [result.diagnosis.message]
+        ways = [w.description for w in result.diagnosis.ways_out[:4]]
+        if ways:
+            parts.append("ways out: " + "; ".join(ways))
+    elif choice.problems:
+        parts.append("; ".join(choice.problems[:3]))
+    return PlanOutcome(False, reason, ". ".join(parts))
+
+
 def plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = None) -> PlanOutcome:
-    """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan."""
-    raise NotImplementedError
+    """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan.
+
+    The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,
+    when given, overrides the label, as the CLI's --gpu-memory does.
+    """
+    resources = spec.get("resources") or {}
+    try:
+        memory = shape.gpu_memory_bytes
+        if resources.get("gpuMemory") is None and memory is None and shape.product == "unknown":
+            return PlanOutcome(
+                False,
+                "UnknownGpuMemory",
+                "the chosen nodes carry no nvidia.com/gpu.product / nvidia.com/gpu.memory labels; "
+                "install GPU Feature Discovery or set spec.resources.gpuMemory",
+            )
+        # With spec.resources.gpuMemory the spec decides (jobspec reads gpuProduct + gpuMemory).
+        gpu_spec = (
+            None
+            if resources.get("gpuMemory") is not None
+            else gpu(None if shape.product == "unknown" else shape.product, memory)
+        )
+        request = request_from_spec(
+            spec,
+            nodes=shape.nodes,
+            gpus_per_node=shape.gpus_per_node,
+            gpu=gpu_spec,
+            node_memory_bytes=None if resources.get("nodeMemory") else shape.host_memory_bytes,
+        )
+        if pins:
+            request = dataclasses.replace(request, pins=pins_from_status_layout(pins))
+        result = plan(request)
+    except SpecError as exc:
+        return PlanOutcome(False, "InvalidSpec", str(exc))
+    except PlanInputError as exc:
+        return PlanOutcome(False, "InvalidSpec", str(exc))
+    if not result.feasible or result.choice is None:
+        return _infeasible(result)
+    document = layout_document_for(result)
+    status = status_layout(result.choice)
+    message = (
+        f"{result.choice.layout.describe()} on {shape.nodes}×{shape.gpus_per_node} {shape.product};"
+        f" predicted {_gib(result.choice.memory.total)} of {_gib(result.choice.capacity)} per GPU,"
+        f" step {result.choice.step_time.total:.2f}s"
+    )
+    return PlanOutcome(True, "LayoutPlanned", message, document, status)

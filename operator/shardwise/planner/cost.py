@@ -1,0 +1,230 @@
+"""Explained step-time estimate: compute at a stated MFU, TP / PP / DP traffic, bubble, offload.
+
+Every term is reported separately; they are summed with no overlap assumed (a conservative,
+ranking-oriented estimate: it orders layouts, it does not promise wall-clock time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardwise.planner.layout import Layout
+from shardwise.planner.memory import ModelContext, StageCounts
+
+
+@dataclass(frozen=True, slots=True)
+class StepTime:
+    """Seconds per optimizer step, by cause."""
+
+    compute: float
+    pipeline_bubble: float
+    tensor_parallel: float
+    pipeline_p2p: float
+    data_parallel: float
+    offload: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.compute
+            + self.pipeline_bubble
+            + self.tensor_parallel
+            + self.pipeline_p2p
+            + self.data_parallel
+            + self.offload
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "compute": self.compute,
+            "pipeline_bubble": self.pipeline_bubble,
+            "tensor_parallel": self.tensor_parallel,
+            "pipeline_p2p": self.pipeline_p2p,
+            "data_parallel": self.data_parallel,
+            "offload": self.offload,
+            "total": self.total,
+        }
+
+
+def step_flops(ctx: ModelContext, checkpointing: str) -> float:
+    """Model FLOPs of one step (Narayanan et al. 2021, eq. 3; memory-model.md §4).
+
+    Forward FLOPs per token: L·(2·W + 4·s·h) + 2·h·v, with W the matmul weights of a layer
+    (12h² for GPT: this is 24·s·h²·L·(1 + s/(6h)) + 2·s·h·v per sample, Narayanan's forward)
+    and 4·s·h the two attention matmuls. Training = 3x forward (72 in their formula); full
+    recompute adds a forward (96); selective recompute adds the attention matmuls again.
+    LoRA / QLoRA skip the weight-gradient half of the backward (2x forward); freeze runs the
+    backward only through the trained layers; inference is one forward. Without a shape the
+    forward is 2·P per token."""
+    arch = ctx.arch
+    tokens = float(ctx.global_batch * ctx.seq)
+    if arch is None:
+        forward = 2.0 * ctx.request.model.parameters
+        layer_fwd = attention = 0.0
+        layers = 0
+    else:
+        layers = arch.layers
+        layer_fwd = 2.0 * arch.layer_matmul_weights + 4.0 * ctx.seq * arch.hidden_size
+        attention = 4.0 * ctx.seq * arch.hidden_size
+        forward = layers * layer_fwd + 2.0 * arch.hidden_size * arch.vocab_size
+    method = ctx.method
+    if method == "inference":
+        return forward * tokens
+    if method in ("lora", "qlora"):
+        total = 2.0 * forward
+    elif method == "freeze" and layers:
+        trained = (layers - ctx.first_trainable) / layers
+        total = forward + 2.0 * trained * forward
+    else:
+        total = 3.0 * forward
+    if checkpointing == "full":
+        total += layers * layer_fwd if layers else forward
+    elif checkpointing == "selective":
+        total += layers * attention
+    return total * tokens
+
+
+def _ring_allreduce(bytes_: float, n: int, bandwidth: float) -> float:
+    """Ring all-reduce time: each rank sends 2(n-1)/n of the buffer."""
+    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * bytes_ / bandwidth
+
+
+def _ring_gather(bytes_: float, n: int, bandwidth: float) -> float:
+    """All-gather or reduce-scatter: (n-1)/n of the full buffer per rank."""
+    return 0.0 if n <= 1 else (n - 1) / n * bytes_ / bandwidth
+
+
+@dataclass(frozen=True, slots=True)
+class StageMaxima:
+    """The busiest stage's numbers (the pipeline runs at the pace of its slowest stage)."""
+
+    layers: int
+    trainable: int
+    frozen_bytes: int
+
+
+def stage_maxima(counts: tuple[StageCounts, ...]) -> StageMaxima:
+    return StageMaxima(
+        layers=max(c.last_layer - c.first_layer for c in counts),
+        trainable=max(c.trainable for c in counts),
+        frozen_bytes=max(c.frozen_bytes for c in counts),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimeModel:
+    """Step time of one layout family as a function of the micro-batch b and accumulation m
+    (b·m is fixed by the global batch): every term is a constant, a multiple of m, of 1/m or of
+    b·(m + p - 2). Built once per family, evaluated per micro-batch by the search."""
+
+    compute: float
+    bubble_times_m: float  # bubble = compute·(p - 1)/m
+    tensor: float  # m·b is constant, so TP traffic per step is too
+    p2p_per_sample_transfer: float  # x b·(m + p - 2)
+    pp: int
+    data_const: float
+    data_per_micro_batch: float  # x m
+    offload_const: float
+    offload_per_micro_batch: float  # x m
+
+    def total(self, micro: int, accum: int) -> float:
+        return (
+            self.compute
+            + self.bubble_times_m / accum
+            + self.tensor
+            + self.p2p_per_sample_transfer * micro * (accum + self.pp - 2)
+            + self.data_const
+            + self.data_per_micro_batch * accum
+            + self.offload_const
+            + self.offload_per_micro_batch * accum
+        )
+
+    def at(self, micro: int, accum: int) -> StepTime:
+        return StepTime(
+            compute=self.compute,
+            pipeline_bubble=self.bubble_times_m / accum,
+            tensor_parallel=self.tensor,
+            pipeline_p2p=self.p2p_per_sample_transfer * micro * (accum + self.pp - 2),
+            data_parallel=self.data_const + self.data_per_micro_batch * accum,
+            offload=self.offload_const + self.offload_per_micro_batch * accum,
+        )
+
+
+def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops: float) -> StepTimeModel:
+    """The explained step-time model of `layout`'s family (its micro-batch and accumulation are
+    ignored); `worst` holds the busiest stage's counts, `flops` the step's model FLOPs."""
+    request = ctx.request
+    gpu = request.cluster.gpu
+    settings = request.settings
+    arch = ctx.arch
+    p = ctx.precision
+    training = ctx.method != "inference"
+    gpus_per_node = request.cluster.gpus_per_node
+    per_replica = ctx.global_batch // layout.dp  # = micro-batch x accumulation
+    compute = flops / (layout.gpus * gpu.peak_flops * settings.mfu)
+    # 1F1B bubble: (p - 1)/m of the ideal time (Narayanan et al. 2021 §2.2.1).
+    bubble_times_m = compute * (layout.pp - 1)
+
+    tensor = p2p = 0.0
+    if arch is not None:
+        sample = float(ctx.seq * arch.hidden_size * p.activation)  # one sample's hidden states
+        # Megatron TP: 2 all-reduces forward, 2 backward per layer (sequence parallelism swaps
+        # each for a reduce-scatter + all-gather, same volume); full recompute repeats the
+        # forward's. Per step that is m·b = per_replica samples through the busiest stage.
+        per_layer = 2 if not training else (6 if layout.checkpointing == "full" else 4)
+        tensor = (
+            per_replica
+            * worst.layers
+            * per_layer
+            * _ring_allreduce(sample, layout.tp, gpu.intra_node_bandwidth)
+        )
+        if layout.pp > 1:
+            # Activations (and their gradients) cross each stage boundary; on the critical path
+            # m + p - 2 transfers of one micro-batch.
+            crosses = layout.tp * layout.dp >= gpus_per_node
+            bw = settings.inter_node_bandwidth if crosses else gpu.intra_node_bandwidth
+            shard = sample / (layout.tp if layout.sequence_parallel else 1)
+            p2p = (2 if training else 1) * shard / bw
+
+    data_const = data_per_mb = 0.0
+    n = layout.dp
+    if training and n > 1:
+        bw = settings.inter_node_bandwidth if layout.tp * n > gpus_per_node else gpu.intra_node_bandwidth
+        grads = float(worst.trainable * p.grad)
+        weights = float(worst.trainable * p.param + (worst.frozen_bytes if layout.zero_stage == 3 else 0))
+        if layout.zero_stage <= 1:
+            data_const = _ring_allreduce(grads, n, bw)  # once per step, at the accumulation boundary
+        elif layout.zero_stage == 2:
+            # Reduce-scatter every micro-batch, all-gather the updated weights once.
+            data_per_mb = _ring_gather(grads, n, bw)
+            data_const = _ring_gather(weights, n, bw)
+        else:
+            # ZeRO-3: gather weights for forward and backward and reduce-scatter gradients, every
+            # micro-batch (1.5x plain DP per micro-batch, ZeRO paper §7.2.2).
+            data_per_mb = 2 * _ring_gather(weights, n, bw) + _ring_gather(grads, n, bw)
+
+    offload_const = offload_per_mb = 0.0
+    if layout.offload != "none" and training:
+        shard_params = worst.trainable / n
+        # Gradients down to the host, updated weights back up, and CPU-Adam on the node's cores.
+        offload_const = shard_params * (p.grad + p.param) / gpu.host_bandwidth
+        offload_const += shard_params * gpus_per_node / settings.cpu_optimizer_params_per_second
+        if layout.offload == "all":
+            # ZeRO-Infinity: the weight partition crosses PCIe for forward and backward each micro-batch.
+            offload_per_mb = 2 * (worst.trainable * p.param + worst.frozen_bytes) / n / gpu.host_bandwidth
+    return StepTimeModel(
+        compute,
+        bubble_times_m,
+        tensor,
+        p2p,
+        layout.pp,
+        data_const,
+        data_per_mb,
+        offload_const,
+        offload_per_mb,
+    )
+
+
+def step_time(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops: float) -> StepTime:
+    """Explained step time for a layout; `worst` holds the busiest stage's counts."""
+    return step_time_model(ctx, layout, worst, flops).at(layout.micro_batch, layout.grad_accum)

@@ -1,0 +1,97 @@
+"""layout.json (docs/layout-contract.md, version 1) from a plan: architecture, knobs, prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardwise.planner import Evaluation, Layout, PlanRequest, PlanResult
+from shardwise.resources.deepspeed_config import deepspeed_config_for
+
+LAYOUT_VERSION = 1
+RANK_ORDER = ["pp", "dp", "tp"]  # rank = pp_rank*(dp*tp) + dp_rank*tp + tp_rank: TP fastest
+
+
+def layout_document(request: PlanRequest, evaluation: Evaluation) -> dict[str, Any]:
+    """The exact layout.json the operator writes into the `<job>-layout` ConfigMap."""
+    model = request.model
+    training = request.training
+    lora = training.method in ("lora", "qlora")
+    layout = evaluation.layout
+    per_stage = []
+    for stage, memory in enumerate(evaluation.per_stage):
+        per_stage.append(
+            {
+                "stage": stage,
+                "parameters": memory.parameters,
+                "gradients": memory.gradients,
+                "optimizer_states": memory.optimizer_states,
+                "activations": memory.activations,
+                "overhead": memory.overhead,
+                "total": memory.total,
+                "model_state_bytes": memory.model_states,
+            }
+        )
+    return {
+        "version": LAYOUT_VERSION,
+        "model": {
+            "name": model.name,
+            "parameters": model.parameters,
+            "architecture": model.architecture.to_dict() if model.architecture is not None else None,
+        },
+        "training": {
+            "method": training.method,
+            "precision": training.precision,
+            "sequence_length": request.sequence_length,
+            "global_batch_size": request.global_batch_size,
+            "lora_rank": training.lora_rank if lora else None,
+            "lora_targets": list(training.lora_targets) if lora else [],
+            "optimizer": training.optimizer,
+        },
+        "layout": layout.to_dict(),
+        "ranks": {
+            "order": list(RANK_ORDER),
+            "stage_layers": [list(bounds) for bounds in evaluation.stage_layers],
+        },
+        "predicted": {
+            "gpu_memory_bytes": evaluation.capacity,
+            "per_stage": per_stage,
+            "cpu_memory_per_node": evaluation.cpu_memory_per_node,
+            "step_time_seconds": evaluation.step_time.total,
+        },
+        "deepspeed": deepspeed_config_for(request, layout),
+    }
+
+
+def layout_document_for(result: PlanResult) -> dict[str, Any]:
+    """layout.json of a feasible plan's chosen layout; ValueError when the plan is infeasible."""
+    if not result.feasible or result.choice is None:
+        raise ValueError("the plan is infeasible: there is no layout to write")
+    return layout_document(result.request, result.choice)
+
+
+def status_layout(evaluation: Evaluation) -> dict[str, Any]:
+    """The ParallelTrainingJob `status.layout` object (CRD names) of a planned layout; fed back
+    through shardwise.jobspec.pins_from_status_layout it reproduces the same layout."""
+    layout = evaluation.layout
+    return {
+        "tensor": layout.tp,
+        "pipeline": layout.pp,
+        "data": layout.dp,
+        "zeroStage": layout.zero_stage,
+        "microBatchSize": layout.micro_batch,
+        "gradientAccumulation": layout.grad_accum,
+        "activationCheckpointing": layout.checkpointing,
+        "sequenceParallel": layout.sequence_parallel,
+        "offload": layout.offload,
+        "nodes": layout.nodes,
+        "gpusPerNode": layout.gpus_per_node,
+        "gpus": layout.gpus,
+        "predictedGpuMemoryBytes": evaluation.memory.total,
+        "gpuMemoryBytes": evaluation.capacity,
+        "summary": layout_summary(layout),
+    }
+
+
+def layout_summary(layout: Layout) -> str:
+    """The compact form of the printer column, e.g. `TP2×PP4×DP8 Z1`."""
+    return f"TP{layout.tp}×PP{layout.pp}×DP{layout.dp} Z{layout.zero_stage}"
