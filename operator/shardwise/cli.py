@@ -356,6 +356,12 @@ def add_operator_command(subparsers: Any) -> None:
         "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)"
     )
     p.add_argument("--workers", type=_positive_int, default=8, help="concurrent reconcile workers")
+    p.add_argument(
+        "--restart-backoff-seconds",
+        type=float,
+        default=10.0,
+        help="first gang-restart / scheduling-retry backoff; doubles per failure, capped at 300 s",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=run_operator_command)
 
@@ -376,6 +382,7 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
         kubeconfig=args.kubeconfig,
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
         workers=args.workers,
+        restart_backoff_seconds=args.restart_backoff_seconds,
     )
     return EXIT_OK
 

@@ -13,6 +13,7 @@ PLANNED = "Planned"
 RUNNING = "Running"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+SUSPENDED = "Suspended"
 
 # Conditions whose flips the user should hear about, with the Event type for True / False.
 _EVENT_TYPES: dict[str, tuple[str, str]] = {
@@ -20,6 +21,7 @@ _EVENT_TYPES: dict[str, tuple[str, str]] = {
     RUNNING: ("Normal", "Normal"),
     SUCCEEDED: ("Normal", "Normal"),
     FAILED: ("Warning", "Normal"),
+    SUSPENDED: ("Normal", "Normal"),
 }
 
 
@@ -44,6 +46,13 @@ def finished(status: dict[str, Any]) -> bool:
     """Succeeded or Failed: terminal, the operator does nothing more for the job."""
     conditions = status.get("conditions") or []
     return any(c.get("type") in (SUCCEEDED, FAILED) and c.get("status") == "True" for c in conditions)
+
+
+def status_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from one status to the next: removed fields are sent as null."""
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    patch.update(after)
+    return patch
 
 
 def changed_events(before: dict[str, Any], after: dict[str, Any]) -> list[Event]:
@@ -116,7 +125,7 @@ def with_pods(status: dict[str, Any], summary: PodsSummary, *, now: str, generat
         cond(RUNNING, False, reason, message)
         cond(FAILED, True, reason, message)
         new["phase"] = "Failed"
-        new["message"] = message
+        new["message"] = message[:32000]
         new.setdefault("completionTime", now)
     elif summary.all_succeeded:
         message = f"all {summary.expected} pods completed successfully"

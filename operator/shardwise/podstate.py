@@ -17,6 +17,7 @@ class PodFailure:
     exit_code: int | None
     reason: str
     message: str
+    disrupted: bool = False  # DisruptionTarget: evicted, preempted, node drained
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class PodsSummary:
     failures: tuple[PodFailure, ...] = ()
     stale: tuple[str, ...] = field(default=())  # pods of other attempts
     scheduler_message: str = ""  # the scheduler's word on the first unschedulable pod
+    nodes: tuple[tuple[str, str], ...] = ()  # (pod, node) of every scheduled live pod
+    disrupted: tuple[str, ...] = ()  # live pods marked DisruptionTarget (about to be evicted)
+    first_created: str | None = None  # earliest creationTimestamp of the attempt's pods
 
     @property
     def missing(self) -> list[int]:
@@ -65,6 +69,14 @@ def _failure(pod: dict[str, Any]) -> PodFailure:
         exit_code=exit_code,
         reason=str(reason),
         message=str(message),
+        disrupted=_disruption_target(pod),
+    )
+
+
+def _disruption_target(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
     )
 
 
@@ -86,6 +98,9 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
     failures: list[PodFailure] = []
     stale: list[str] = []
     scheduler_message = ""
+    nodes: list[tuple[str, str]] = []
+    disrupted: list[str] = []
+    created: list[str] = []
     for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -99,6 +114,13 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
             stale.append(name)
             continue
         phase = (pod.get("status") or {}).get("phase") or "Pending"
+        if meta.get("creationTimestamp"):
+            created.append(str(meta["creationTimestamp"]))
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if node_name and phase in ("Pending", "Running"):
+            nodes.append((name, str(node_name)))
+            if _disruption_target(pod):
+                disrupted.append(name)
         if phase == "Running":
             running.append(name)
         elif phase == "Succeeded":
@@ -121,4 +143,7 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
         failures=tuple(failures),
         stale=tuple(stale),
         scheduler_message=scheduler_message,
+        nodes=tuple(nodes),
+        disrupted=tuple(disrupted),
+        first_created=min(created) if created else None,
     )

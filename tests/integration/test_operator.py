@@ -7,12 +7,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from tests.jobs import Kubectl, condition, install_crd, job_manifest, wait_for
 from tests.operator_process import OperatorProcess, running_operator
 
 pytestmark = pytest.mark.integration
@@ -21,53 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
-    """Poll until probe returns something truthy; fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except subprocess.CalledProcessError as exc:
-            last = exc.stderr or exc
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-class Kubectl:
-    def __init__(self, cluster: Any) -> None:
-        self.cluster = cluster
-
-    def __call__(self, *args: str, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.cluster.kubeconfig), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return result.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "-o", "json"))
-
-    def try_json(self, *args: str) -> Any:
-        try:
-            return self.json(*args)
-        except subprocess.CalledProcessError:
-            return None
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        self("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
-
-
 @pytest.fixture(scope="module")
 def kubectl(cluster: Any) -> Kubectl:
     k = Kubectl(cluster)
-    k("apply", "--server-side", "-f", str(CRD))
-    k("wait", "--for=condition=Established", "--timeout=60s", "crd/paralleltrainingjobs.shardwise.dev")
+    install_crd(k, str(CRD))
     return k
 
 
@@ -89,50 +46,12 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl("delete", "namespace", name, "--wait=false")
 
 
-def job_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"preset": "llama-2-7b"},
-        "training": {"method": "full", "precision": "bf16", "sequenceLength": 4096, "globalBatchSize": 16},
-        "resources": {"nodes": 2, "gpusPerNode": 8},
-        "template": {
-            "spec": {
-                "containers": [
-                    {
-                        "name": "trainer",
-                        "image": "ghcr.io/example/shardwise-trainer:test",
-                        "command": ["python", "-m", "shardwise_trainer"],
-                        "args": ["--synthetic-data"],
-                    }
-                ]
-            }
-        },
-    }
-    body.update(spec)
-    return {
-        "apiVersion": "shardwise.dev/v1alpha1",
-        "kind": "ParallelTrainingJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
-
-
-def condition(job: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == ctype:
-            return dict(cond)
-    return None
-
-
 def job_pods(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
-    items = kubectl.json("get", "pods", "-n", namespace, "-l", f"shardwise.dev/job-name={name}")["items"]
-    return sorted(items, key=lambda p: p["metadata"]["name"])
+    return kubectl.pods(namespace, name)
 
 
 def events_for(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
-    items = kubectl.json("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")[
-        "items"
-    ]
-    return list(items)
+    return kubectl.events(namespace, name)
 
 
 def test_job_is_planned_and_its_children_follow_the_plan(

@@ -44,6 +44,7 @@ class Controller:
 
     kubeconfig: str | None = None
     workers: int = 8
+    restart_backoff_seconds: float = 10.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     indexes: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +67,12 @@ class Controller:
 
     async def start(self) -> None:
         self.kube = await Kube.connect(self.kubeconfig)
-        reconciler = Reconciler(self.kube, self.view(), on_pass=self.metrics.observe_job)
+        reconciler = Reconciler(
+            self.kube,
+            self.view(),
+            on_pass=self.metrics.observe_job,
+            restart_backoff_seconds=self.restart_backoff_seconds,
+        )
         self.tasks = [asyncio.create_task(self._work(reconciler)) for _ in range(self.workers)]
 
     async def stop(self) -> None:

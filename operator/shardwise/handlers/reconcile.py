@@ -9,17 +9,21 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shardwise import inventory
-from shardwise.conditions import is_true
+from shardwise import inventory, lifecycle
+from shardwise.conditions import is_true, set_condition
 from shardwise.jobstatus import (
+    FAILED,
     PLANNED,
+    RUNNING,
+    SUSPENDED,
     Event,
     changed_events,
     finished,
+    status_patch,
     with_plan,
     with_plan_failure,
     with_pods,
@@ -28,9 +32,9 @@ from shardwise.kube.children import ChildConflictError, ensure
 from shardwise.kube.client import Kube, KubeError
 from shardwise.kube.events import post_event
 from shardwise.planning import PlanOutcome, plan_job
-from shardwise.podstate import summarize
+from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
-from shardwise.resources.names import API_VERSION, KIND, configmap_name
+from shardwise.resources.names import API_VERSION, KIND, LABEL_ATTEMPT, configmap_name
 from shardwise.resources.pods import PodShape, TemplateError, build_pod
 from shardwise.resources.service import build_service
 
@@ -42,6 +46,14 @@ JobKey = tuple[str, str]
 REQUEUE_UNPLANNED = 60.0
 REQUEUE_STARTING = 15.0
 REQUEUE_RUNNING = 60.0
+REQUEUE_TERMINATING = 1.0
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A step decided the pass: stop here and look again after `requeue` seconds (None: on events)."""
+
+    requeue: float | None
 
 
 @dataclass
@@ -52,6 +64,14 @@ class ClusterView:
     nodes: Callable[[], list[dict[str, Any]]]
     bound_pods: Callable[[], list[dict[str, Any]]]
     job_pods: Callable[[JobKey], list[dict[str, Any]]]
+
+
+def _version(obj: dict[str, Any]) -> int:
+    """resourceVersion as a number (etcd's revision), for telling which of two reads is newer."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
 
 
 def _now() -> str:
@@ -73,111 +93,407 @@ class Reconciler:
     view: ClusterView
     now: Callable[[], str] = _now
     on_pass: Callable[[JobKey, dict[str, Any]], None] | None = None
+    restart_backoff_seconds: float = 10.0
+    # The job as our last status write returned it: the watch cache may not have caught up yet,
+    # and a pass that read an older status (an older attempt) would undo its own decisions.
+    written: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+
+    def _latest(self, key: JobKey) -> dict[str, Any] | None:
+        cached = self.view.job(key)
+        ours = self.written.get(key)
+        if cached is None:
+            self.written.pop(key, None)
+            return None
+        if ours is not None and ours["metadata"].get("uid") == cached["metadata"].get("uid"):
+            if _version(ours) > _version(cached):
+                return ours
+            del self.written[key]
+        return cached
 
     async def reconcile(self, key: JobKey) -> float | None:
         """Bring one job a step closer to its desired state; returns seconds until the next look."""
-        job = self.view.job(key)
+        job = self._latest(key)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return None
         job = copy.deepcopy(job)
         job.setdefault("apiVersion", API_VERSION)
         job.setdefault("kind", KIND)
-        jlog = JobLog(log, {"key": f"{key[0]}/{key[1]}"})
-        status: dict[str, Any] = copy.deepcopy(job.get("status") or {})
-        before = copy.deepcopy(status)
-        extra_events: list[Event] = []
-        requeue: float | None = None
-
-        if finished(status):
-            requeue = None
-        else:
-            status, requeue = await self._advance(job, status, extra_events, jlog)
-
-        if status != before:
-            await self.kube.merge_patch(
-                API_VERSION, KIND, key[0], key[1], {"status": status}, subresource="status"
-            )
-            jlog.info("status: phase %s, %s", status.get("phase"), status.get("message", ""))
-        for event in [*changed_events(before, status), *extra_events]:
-            await post_event(self.kube, job, event.type, event.reason, event.message)
+        pass_ = _Pass(self, job)
+        requeue = await pass_.run()
+        await pass_.commit()
         if self.on_pass is not None:
-            self.on_pass(key, status)
+            self.on_pass(key, pass_.status)
         return requeue
 
-    async def _advance(
-        self, job: dict[str, Any], status: dict[str, Any], events: list[Event], jlog: JobLog
-    ) -> tuple[dict[str, Any], float | None]:
-        meta, spec = job["metadata"], job.get("spec") or {}
-        key: JobKey = (meta["namespace"], meta["name"])
-        generation = int(meta.get("generation") or 1)
-        now = self.now()
-        pods = self.view.job_pods(key)
-        attempt = int(status.get("attempt") or 0)
 
-        planned = is_true(status.get("conditions") or [], PLANNED) and bool(status.get("layout"))
-        outcome: PlanOutcome | None = None
-        if not planned:
-            outcome = self._plan(job, pods)
+class _Pass:
+    """The state of one reconcile pass: the job, the status being built, the Events to post."""
+
+    def __init__(self, owner: Reconciler, job: dict[str, Any]) -> None:
+        self.r = owner
+        self.job = job
+        self.meta: dict[str, Any] = job["metadata"]
+        self.spec: dict[str, Any] = job.get("spec") or {}
+        self.policy: dict[str, Any] = self.spec.get("runPolicy") or {}
+        self.key: JobKey = (self.meta["namespace"], self.meta["name"])
+        self.generation = int(self.meta.get("generation") or 1)
+        self.now = owner.now()
+        self.status: dict[str, Any] = copy.deepcopy(job.get("status") or {})
+        self.written: dict[str, Any] = copy.deepcopy(self.status)
+        self.events: list[Event] = []
+        self._planned_outcome: PlanOutcome | None = None
+        self.wake_after: float | None = None  # an earlier look than the phase's default
+        self.log = JobLog(log, {"key": f"{self.key[0]}/{self.key[1]}"})
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Patch status if it changed (one write per pass, or per committed decision) and post Events."""
+        if self.status != self.written:
+            updated = await self.r.kube.merge_patch(
+                API_VERSION, KIND, self.key[0], self.key[1],
+                {"status": status_patch(self.written, self.status)}, subresource="status",
+            )  # fmt: skip
+            if updated.get("metadata"):
+                self.r.written[self.key] = updated
+            self.log.info("status: phase %s, %s", self.status.get("phase"), self.status.get("message", ""))
+        explicit = {e.reason for e in self.events}
+        implied = [e for e in changed_events(self.written, self.status) if e.reason not in explicit]
+        for event in [*implied, *self.events]:
+            await post_event(self.r.kube, self.job, event.type, event.reason, event.message)
+        self.written = copy.deepcopy(self.status)
+        self.events = []
+
+    def condition(self, ctype: str, value: bool, reason: str, message: str) -> None:
+        self.status["conditions"] = set_condition(
+            self.status.get("conditions") or [], ctype, value, reason, message,
+            now=self.now, generation=self.generation,
+        )  # fmt: skip
+
+    def finish_failed(self, reason: str, message: str) -> None:
+        self.condition(RUNNING, False, reason, message)
+        self.condition(FAILED, True, reason, message)
+        self.status["phase"] = "Failed"
+        self.status["message"] = message
+        self.status.setdefault("completionTime", self.now)
+        self.status.pop("nextAttemptTime", None)
+
+    # -- the pass ----------------------------------------------------------------------------------
+
+    async def run(self) -> float | None:
+        pods = self.r.view.job_pods(self.key)
+        if finished(self.status):
+            return await self._finished(pods)
+        self.status["observedGeneration"] = self.generation
+
+        if self.policy.get("suspend"):
+            return await self._suspend(pods)
+        if is_true(self.status.get("conditions") or [], SUSPENDED):
+            # Resumed: a fresh attempt, not a restart; the deadline clock starts again.
+            self.condition(SUSPENDED, False, "Resumed", "the job was resumed")
+            self.status["attempt"] = int(self.status.get("attempt") or 0) + 1
+            self.status.pop("startTime", None)
+            self.status.pop("nextAttemptTime", None)
+
+        if lifecycle.deadline_passed(self.policy, self.status.get("startTime"), self.now):
+            limit = self.policy.get("activeDeadlineSeconds")
+            self.finish_failed("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={limit}")
+            await self.commit()
+            await self._delete_live(pods)
+            return None
+
+        attempt = int(self.status.get("attempt") or 0)
+        stale = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) != str(attempt)]
+        if stale:
+            # Pods keep fixed names, so a new attempt waits until the old one's pods are gone.
+            await self.commit()
+            await self._delete(stale)
+            return REQUEUE_TERMINATING
+
+        if not self._planned():
+            outcome = self._plan()
             if not outcome.feasible or outcome.layout_status is None:
-                jlog.info("not planned: %s: %s", outcome.reason, outcome.message)
-                return with_plan_failure(
-                    status, outcome.reason, outcome.message, now=now, generation=generation
-                ), REQUEUE_UNPLANNED
-            status = with_plan(status, outcome.layout_status, outcome.message, now=now, generation=generation)
-            jlog.info("planned %s", outcome.layout_status.get("summary"))
+                self.log.info("not planned: %s: %s", outcome.reason, outcome.message)
+                self.status = with_plan_failure(
+                    self.status, outcome.reason, outcome.message, now=self.now, generation=self.generation
+                )
+                return REQUEUE_UNPLANNED
+            self.status = with_plan(
+                self.status, outcome.layout_status, outcome.message, now=self.now, generation=self.generation
+            )
+            self.log.info("planned %s", outcome.layout_status.get("summary"))
+            self._planned_outcome = outcome
 
-        layout = status["layout"]
+        wait = self._backoff_wait()
+        if wait is not None:
+            return wait
+
+        layout = self.status["layout"]
         shape = PodShape(
             nodes=int(layout["nodes"]),
             gpus_per_node=int(layout["gpusPerNode"]),
             attempt=attempt,
-            gpu_resource=(spec.get("resources") or {}).get("gpuResource") or "nvidia.com/gpu",
+            gpu_resource=(self.spec.get("resources") or {}).get("gpuResource") or "nvidia.com/gpu",
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 
-        if summary.missing and not summary.failures:
-            try:
-                await self._ensure_shared_children(job, status, outcome)
-                created = []
-                for rank in summary.missing:
-                    _, was_created = await ensure(self.kube, build_pod(job, shape, rank), patch_drift=False)
-                    if was_created:
-                        created.append(rank)
-            except (TemplateError, ChildConflictError) as exc:
-                reason = "InvalidTemplate" if isinstance(exc, TemplateError) else "ChildConflict"
-                return with_plan_failure(status, reason, str(exc), now=now, generation=generation), None
-            if created:
-                events.append(
-                    Event("Normal", "PodsCreated", f"created {len(created)} pod(s) for attempt {attempt}")
+        for step in (self._failures, self._gang_timeout):
+            stop = await step(summary, pods)
+            if stop is not None:
+                return stop.requeue
+
+        if summary.missing:
+            if summary.present and (summary.running or summary.succeeded):
+                # A pod of a started gang vanished (deleted, its node gone): torchrun cannot take a
+                # lone replacement, so the whole gang restarts, without spending the budget.
+                why = f"pod(s) of node rank {summary.missing} disappeared"
+                return (await self._restart(pods, "disruption", why)).requeue
+            created = await self._create_pods(shape, summary)
+            if created is None:
+                return None
+
+        self.status = with_pods(self.status, summary, now=self.now, generation=self.generation)
+        self.status["attempt"] = attempt
+        self.status.setdefault("restarts", 0)
+        if summary.all_running:
+            self.status.pop("scheduleFailures", None)
+        requeue = REQUEUE_RUNNING if self.status.get("phase") == "Running" else REQUEUE_STARTING
+        return min(requeue, self.wake_after) if self.wake_after is not None else requeue
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def _planned(self) -> bool:
+        return is_true(self.status.get("conditions") or [], PLANNED) and bool(self.status.get("layout"))
+
+    def _backoff_wait(self) -> float | None:
+        due = self.status.get("nextAttemptTime")
+        if not due:
+            return None
+        remaining = lifecycle.seconds_between(self.now, due)
+        if remaining > 0:
+            return remaining
+        self.status.pop("nextAttemptTime", None)
+        return None
+
+    async def _finished(self, pods: list[dict[str, Any]]) -> float | None:
+        """A finished job keeps its pods for their logs, but frees GPUs still held; then its TTL."""
+        await self._delete_live(pods)
+        remaining = lifecycle.ttl_remaining(self.policy, self.status.get("completionTime"), self.now)
+        if remaining is None:
+            return None
+        if remaining > 0:
+            return remaining
+        self.log.info(
+            "deleting: ttlSecondsAfterFinished=%s passed", self.policy.get("ttlSecondsAfterFinished")
+        )
+        await self.r.kube.delete(API_VERSION, KIND, self.key[0], self.key[1], uid=self.meta.get("uid"))
+        return None
+
+    async def _suspend(self, pods: list[dict[str, Any]]) -> float | None:
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        self.condition(
+            SUSPENDED, True, "Suspended", "spec.runPolicy.suspend is true: the job's pods are deleted"
+        )
+        self.condition(RUNNING, False, "Suspended", "the job is suspended")
+        self.status["phase"] = "Suspended"
+        self.status["message"] = "suspended"
+        self.status.pop("nextAttemptTime", None)
+        await self.commit()
+        await self._delete(live)
+        return REQUEUE_TERMINATING if pods else None
+
+    async def _failures(self, summary: PodsSummary, pods: list[dict[str, Any]]) -> Stop | None:
+        """Failed or disrupted pods: fail the job, or tear the gang down for a new attempt."""
+        verdicts = [lifecycle.classify(f, self.policy) for f in summary.failures]
+        lost = self._lost_nodes(summary)
+        if summary.disrupted or lost:
+            why = (
+                f"pod(s) {', '.join(summary.disrupted)} are being disrupted"
+                if summary.disrupted
+                else f"node(s) {', '.join(sorted(lost))} are gone or NotReady"
+            )
+            verdicts.append(lifecycle.FailureVerdict("disruption", None, why))
+        if not verdicts:
+            return None
+        verdict = lifecycle.worst(verdicts)
+        where = ""
+        if summary.failures:
+            first = summary.failures[0]
+            code = lifecycle.effective_exit_code(first)
+            where = f"pod {first.pod}" + (f" on node {first.node}" if first.node else "")
+            where += f" exited with code {code}" if code is not None else f" failed ({first.reason})"
+            where += f": {verdict.why}"
+        else:
+            where = verdict.why
+        if verdict.verdict == "permanent":
+            reason = "TrainerExitedWithError" if verdict.exit_code is not None else "PodFailed"
+            self.finish_failed(reason, where)
+            await self.commit()
+            await self._delete_live(pods)
+            return Stop(None)
+        return await self._restart(pods, verdict.verdict, where, replan=bool(lost))
+
+    def _lost_nodes(self, summary: PodsSummary) -> set[str]:
+        known = {(n.get("metadata") or {}).get("name"): n for n in self.r.view.nodes()}
+        lost: set[str] = set()
+        for _, node_name in summary.nodes:
+            node = known.get(node_name)
+            ready = node is not None and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (node.get("status") or {}).get("conditions") or []
+            )
+            if not ready:
+                lost.add(node_name)
+        return lost
+
+    async def _restart(
+        self, pods: list[dict[str, Any]], kind: str, why: str, *, replan: bool = False
+    ) -> Stop:
+        """New attempt: status first (so a crash never double-counts), then the old pods go."""
+        restarts = int(self.status.get("restarts") or 0)
+        limit = int(self.policy.get("maxRestarts", 3))
+        if kind != "disruption":
+            if restarts >= limit:
+                self.finish_failed(
+                    "BackoffLimitExceeded", f"{why}; restart budget spent ({restarts}/{limit})"
                 )
-                jlog.info("created pods for node ranks %s (attempt %d)", created, attempt)
+                await self.commit()
+                await self._delete_live(pods)
+                return Stop(None)
+            restarts += 1
+        attempt = int(self.status.get("attempt") or 0) + 1
+        delay = lifecycle.backoff_seconds(max(1, restarts), self.r.restart_backoff_seconds)
+        if kind == "disruption":
+            delay = 0.0
+        self.status["restarts"] = restarts
+        self.status["attempt"] = attempt
+        self.status["nextAttemptTime"] = lifecycle.add_seconds(self.now, delay)
+        self.status["phase"] = "Restarting"
+        label = (
+            "disruption (restart budget not spent)" if kind == "disruption" else f"restart {restarts}/{limit}"
+        )
+        message = f"{why}; {label}; attempt {attempt} starts in {delay:.0f}s from the latest checkpoint"
+        self.status["message"] = message
+        self.condition(RUNNING, False, "Restarting", message)
+        self.events.append(Event("Warning", "Restarting", message))
+        if replan and self.policy.get("replanOnNodeLoss", True) and not self._old_shape_fits():
+            self.status.pop("layout", None)
+            self.condition(
+                PLANNED, False, "Replanning", f"{why}: the planned layout no longer fits; re-planning"
+            )
+        await self.commit()
+        self.log.info("restarting: %s", message)
+        await self._delete([p for p in pods if not p["metadata"].get("deletionTimestamp")])
+        return Stop(REQUEUE_TERMINATING)
 
-        status = with_pods(status, summary, now=now, generation=generation)
-        status["attempt"] = attempt
-        status.setdefault("restarts", 0)
-        phase = status.get("phase")
-        return status, (REQUEUE_RUNNING if phase == "Running" else REQUEUE_STARTING)
+    def _old_shape_fits(self) -> bool:
+        layout = self.status.get("layout") or {}
+        try:
+            self._shape(int(layout["nodes"]), int(layout["gpusPerNode"]), None)
+        except (KeyError, inventory.InventoryError):
+            return False
+        return True
 
-    def _plan(
-        self, job: dict[str, Any], pods: list[dict[str, Any]], pins: dict[str, Any] | None = None
-    ) -> PlanOutcome:
-        """Inventory from the caches, then the planner; pins reproduce an earlier plan."""
-        meta, spec = job["metadata"], job.get("spec") or {}
-        res = spec.get("resources") or {}
-        template_spec = (spec.get("template") or {}).get("spec") or {}
+    async def _gang_timeout(self, summary: PodsSummary, pods: list[dict[str, Any]]) -> Stop | None:
+        """All pods start together or not at all: release an attempt stuck in scheduling."""
+        timeout = int(self.policy.get("scheduleTimeoutSeconds", 300) or 0)
+        unscheduled = len(summary.pending) - len([n for n in summary.nodes if n[0] in summary.pending])
+        if not timeout or not summary.first_created or summary.missing or unscheduled <= 0:
+            return None
+        waited = lifecycle.seconds_between(summary.first_created, self.now)
+        if waited < timeout:
+            # Not decided yet: the pass goes on, but must look again when the timeout is due.
+            self.wake_after = max(1.0, timeout - waited)
+            return None
+        failures = int(self.status.get("scheduleFailures") or 0) + 1
+        delay = lifecycle.backoff_seconds(failures, self.r.restart_backoff_seconds)
+        names = ", ".join(summary.unschedulable or summary.pending)
+        message = (
+            f"not all pods were scheduled within scheduleTimeoutSeconds={timeout} ({names}"
+            f"{': ' + summary.scheduler_message if summary.scheduler_message else ''}); "
+            f"released, retry {failures} in {delay:.0f}s"
+        )
+        self.status["scheduleFailures"] = failures
+        self.status["attempt"] = int(self.status.get("attempt") or 0) + 1
+        self.status["nextAttemptTime"] = lifecycle.add_seconds(self.now, delay)
+        self.status["phase"] = "Pending"
+        self.status["message"] = message
+        self.condition(RUNNING, False, "GangScheduleTimeout", message)
+        await self.commit()
+        await self._delete([p for p in pods if not p["metadata"].get("deletionTimestamp")])
+        return Stop(REQUEUE_TERMINATING)
+
+    async def _create_pods(self, shape: PodShape, summary: PodsSummary) -> list[int] | None:
+        try:
+            await self._ensure_shared_children(self._planned_outcome)
+            created = []
+            for rank in summary.missing:
+                _, was_created = await ensure(
+                    self.r.kube, build_pod(self.job, shape, rank), patch_drift=False
+                )
+                if was_created:
+                    created.append(rank)
+        except (TemplateError, ChildConflictError) as exc:
+            reason = "InvalidTemplate" if isinstance(exc, TemplateError) else "ChildConflict"
+            self.status = with_plan_failure(
+                self.status, reason, str(exc), now=self.now, generation=self.generation
+            )
+            return None
+        if created:
+            self.events.append(
+                Event("Normal", "PodsCreated", f"created {len(created)} pod(s) for attempt {shape.attempt}")
+            )
+            self.log.info("created pods for node ranks %s (attempt %d)", created, shape.attempt)
+        return created
+
+    async def _delete(self, pods: list[dict[str, Any]]) -> None:
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            await self.r.kube.delete(
+                "v1",
+                "Pod",
+                pod["metadata"]["namespace"],
+                pod["metadata"]["name"],
+                uid=pod["metadata"].get("uid"),
+            )
+
+    async def _delete_live(self, pods: list[dict[str, Any]]) -> None:
+        """Free the GPUs of pods still running; finished pods stay for their logs."""
+        await self._delete(
+            [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        )
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def _eligible(self) -> tuple[list[inventory.NodeGpus], str]:
+        """Nodes that match the job's placement, with their free GPUs (its own pods excluded)."""
+        res = self.spec.get("resources") or {}
+        template_spec = (self.spec.get("template") or {}).get("spec") or {}
         selector = {**(template_spec.get("nodeSelector") or {}), **(res.get("nodeSelector") or {})}
         if res.get("gpuProduct"):
             selector[inventory.LABEL_GPU_PRODUCT] = res["gpuProduct"]
         gpu_resource = res.get("gpuResource") or "nvidia.com/gpu"
         nodes = inventory.gpu_nodes(
-            self.view.nodes(),
-            self.view.bound_pods(),
+            self.r.view.nodes(),
+            self.r.view.bound_pods(),
             gpu_resource=gpu_resource,
             node_selector=selector,
             tolerations=[*(template_spec.get("tolerations") or []), *(res.get("tolerations") or [])],
-            exclude_job=meta["name"],
-            exclude_namespace=meta["namespace"],
+            exclude_job=self.meta["name"],
+            exclude_namespace=self.meta["namespace"],
         )
+        return nodes, gpu_resource
+
+    def _shape(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
+        nodes, gpu_resource = self._eligible()
+        return inventory.choose_shape(
+            nodes, gpus=gpus, node_count=count, gpus_per_node=per, gpu_resource=gpu_resource
+        )
+
+    def _plan(self, pins: dict[str, Any] | None = None) -> PlanOutcome:
+        """Inventory from the caches, then the planner; pins reproduce an earlier plan."""
+        res = self.spec.get("resources") or {}
         gpus: int | None = res.get("gpus")
         count: int | None = res.get("nodes")
         per: int | None = res.get("gpusPerNode")
@@ -185,32 +501,58 @@ class Reconciler:
             count, per = int(pins["nodes"]), int(pins["gpusPerNode"])
             gpus = count * per
         try:
-            shape = inventory.choose_shape(
-                nodes, gpus=gpus, node_count=count, gpus_per_node=per, gpu_resource=gpu_resource
-            )
+            shape = self._shape(count, per, gpus)
         except inventory.InventoryError as exc:
-            return PlanOutcome(False, exc.reason, exc.message)
-        return plan_job(spec, shape, pins)
+            if pins or not self.status.get("startTime") or not self.policy.get("replanOnNodeLoss", True):
+                return PlanOutcome(False, exc.reason, exc.message)
+            # The job ran before and lost GPUs: plan for what is left.
+            try:
+                shape = self._fewer(count, per, gpus)
+            except inventory.InventoryError:
+                return PlanOutcome(False, exc.reason, exc.message)
+            outcome = plan_job(self.spec, shape, None)
+            if outcome.feasible:
+                lost = f"lost GPUs: re-planned for {shape.nodes}×{shape.gpus_per_node}"
+                self.events.append(Event("Warning", "Replanned", f"{lost}: {outcome.message}"))
+            return outcome
+        return plan_job(self.spec, shape, pins)
 
-    async def _ensure_shared_children(
-        self, job: dict[str, Any], status: dict[str, Any], outcome: PlanOutcome | None
-    ) -> None:
+    def _fewer(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
+        """After losing nodes: the same GPUs per node on fewer nodes, or else a smaller total."""
+        nodes, gpu_resource = self._eligible()
+        if per:
+            fitting = len([n for n in nodes if n.free >= per])
+            if fitting:
+                return inventory.choose_shape(
+                    nodes, gpus=None, node_count=min(fitting, count or fitting), gpus_per_node=per,
+                    gpu_resource=gpu_resource,
+                )  # fmt: skip
+        want = (gpus or (count or 0) * (per or 0)) // 2
+        while want >= 1:
+            try:
+                return inventory.choose_shape(
+                    nodes, gpus=want, node_count=None, gpus_per_node=None, gpu_resource=gpu_resource
+                )
+            except inventory.InventoryError:
+                want //= 2
+        raise inventory.InventoryError("InsufficientGpus", "no GPUs left")
+
+    async def _ensure_shared_children(self, outcome: PlanOutcome | None) -> None:
         """The Service and the layout ConfigMap, needed before any pod can start."""
-        meta = job["metadata"]
-        await ensure(self.kube, build_service(job))
+        await ensure(self.r.kube, build_service(self.job))
         if outcome is None or outcome.document is None:
             try:
-                await self.kube.get("v1", "ConfigMap", meta["namespace"], configmap_name(meta["name"]))
+                await self.r.kube.get("v1", "ConfigMap", self.key[0], configmap_name(self.key[1]))
                 return
             except KubeError as exc:
                 if exc.status != 404:
                     raise
             # The ConfigMap vanished after planning: plan again pinned to the recorded layout,
             # which reproduces the same document.
-            outcome = self._plan(job, [], pins=status["layout"])
+            outcome = self._plan(pins=self.status["layout"])
             if outcome.document is None:
                 raise ChildConflictError(
-                    f"ConfigMap {configmap_name(meta['name'])} is missing and the recorded layout"
+                    f"ConfigMap {configmap_name(self.key[1])} is missing and the recorded layout"
                     f" can no longer be planned: {outcome.message}"
                 )
-        await ensure(self.kube, build_configmap(job, outcome.document))
+        await ensure(self.r.kube, build_configmap(self.job, outcome.document))

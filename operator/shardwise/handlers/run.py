@@ -29,6 +29,7 @@ def run_operator(
     kubeconfig: str | None = None,
     liveness_endpoint: str | None = None,
     workers: int = 8,
+    restart_backoff_seconds: float = 10.0,
 ) -> None:
     """Run until interrupted; watches all namespaces unless some are given."""
     if kubeconfig:
@@ -37,6 +38,7 @@ def run_operator(
         os.environ.get("KUBECONFIG") if kubeconfig or os.environ.get("KUBECONFIG") else None
     )
     app.CONTROLLER.workers = workers
+    app.CONTROLLER.restart_backoff_seconds = restart_backoff_seconds
     if metrics_port:
         start_http_server(metrics_port, addr=metrics_address, registry=app.CONTROLLER.metrics.registry)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)

@@ -1,0 +1,282 @@
+"""Job lifecycle against the real control plane: gang restarts, exit codes, disruptions, suspend,
+deadline, TTL, gang scheduling timeout and re-planning after a lost node.
+
+Pod failures are injected the way a kubelet reports them: KWOK ends a pod with the exit code a
+test annotates (hack/kwok-stages.yaml), or the test patches the pod's status.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.jobs import Kubectl, condition, condition_is, install_crd, job_manifest, wait_for
+from tests.operator_process import OperatorProcess, running_operator
+
+pytestmark = pytest.mark.integration
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
+TIMEOUT = 90
+
+
+@pytest.fixture(scope="module")
+def kubectl(cluster: Any) -> Kubectl:
+    k = Kubectl(cluster)
+    install_crd(k, str(CRD))
+    return k
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator-lifecycle") / "operator.log"
+    with running_operator(cluster.kubeconfig, log, "--restart-backoff-seconds", "1") as op:
+        yield op
+    print(op.log()[-20000:])
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    name = f"l-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false")
+
+
+def small_job(name: str, namespace: str, **run_policy: Any) -> dict[str, Any]:
+    return job_manifest(name, namespace, resources={"nodes": 1, "gpusPerNode": 2}, runPolicy=run_policy)
+
+
+def running_pod(kubectl: Kubectl, namespace: str, name: str, attempt: int) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        for pod in kubectl.pods(namespace, name):
+            labels = pod["metadata"]["labels"]
+            if (
+                labels.get("shardwise.dev/attempt") == str(attempt)
+                and pod["status"].get("phase") == "Running"
+            ):
+                return dict(pod)
+        return None
+
+    return dict(wait_for(f"{name} attempt {attempt} running", probe, timeout=TIMEOUT))
+
+
+def test_retryable_failures_restart_the_gang_until_the_budget_is_spent(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("retry", namespace, maxRestarts=2))
+    for attempt in range(3):
+        pod = running_pod(kubectl, namespace, "retry", attempt)
+        uid = kubectl.job(namespace, "retry")["metadata"]["uid"]
+        assert f"--rdzv-id={uid}-{attempt}" in pod["spec"]["containers"][0]["command"]
+        kubectl.exit_pod(namespace, pod["metadata"]["name"], 137, "OOMKilled")
+        if attempt < 2:
+            job = wait_for(
+                f"restart {attempt + 1}",
+                lambda a=attempt: (
+                    (j := kubectl.job(namespace, "retry"))["status"].get("restarts") == a + 1 and j
+                ),
+                timeout=TIMEOUT,
+            )
+            assert job["status"]["attempt"] == attempt + 1
+    job = wait_for(
+        "Failed", lambda: condition_is(j := kubectl.job(namespace, "retry"), "Failed", "True") and j
+    )
+    failed = condition(job, "Failed")
+    assert failed is not None
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "code 137" in failed["message"]
+    assert job["status"]["restarts"] == 2
+    restarts = [e for e in kubectl.events(namespace, "retry") if e["reason"] == "Restarting"]
+    assert len(restarts) == 2
+
+
+def test_a_permanent_exit_code_fails_at_once_and_listed_codes_are_retried(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("perm", namespace, maxRestarts=3))
+    pod = running_pod(kubectl, namespace, "perm", 0)
+    kubectl.exit_pod(namespace, pod["metadata"]["name"], 2)
+    job = wait_for(
+        "Failed", lambda: condition_is(j := kubectl.job(namespace, "perm"), "Failed", "True") and j
+    )
+    failed = condition(job, "Failed")
+    assert failed is not None
+    assert failed["reason"] == "TrainerExitedWithError"
+    assert "perm-node-0" in failed["message"]
+    assert "code 2" in failed["message"]
+    assert job["status"].get("restarts", 0) == 0
+
+    kubectl.apply(small_job("listed", namespace, maxRestarts=3, retryableExitCodes=[1]))
+    pod = running_pod(kubectl, namespace, "listed", 0)
+    kubectl.exit_pod(namespace, pod["metadata"]["name"], 1)
+    running_pod(kubectl, namespace, "listed", 1)
+    assert kubectl.job(namespace, "listed")["status"]["restarts"] == 1
+
+
+def test_a_disruption_restarts_without_spending_the_budget(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("evicted", namespace, maxRestarts=0))
+    pod = running_pod(kubectl, namespace, "evicted", 0)
+    status = {
+        "status": {
+            "conditions": [
+                *pod["status"].get("conditions", []),
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "Eviction API: evicting",
+                },
+            ]
+        }
+    }
+    kubectl(
+        "patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    running_pod(kubectl, namespace, "evicted", 1)
+    job = kubectl.job(namespace, "evicted")
+    assert job["status"].get("restarts", 0) == 0
+    assert not condition_is(job, "Failed", "True")
+
+
+def test_suspend_deletes_the_pods_and_resume_starts_a_fresh_attempt(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("pause", namespace))
+    running_pod(kubectl, namespace, "pause", 0)
+    kubectl(
+        "patch",
+        "ptj",
+        "pause",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":true}}}',
+    )
+    wait_for("pods deleted", lambda: not kubectl.pods(namespace, "pause"), timeout=TIMEOUT)
+    job = wait_for(
+        "Suspended", lambda: condition_is(j := kubectl.job(namespace, "pause"), "Suspended", "True") and j
+    )
+    assert job["status"]["phase"] == "Suspended"
+    kubectl(
+        "patch",
+        "ptj",
+        "pause",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runPolicy":{"suspend":false}}}',
+    )
+    running_pod(kubectl, namespace, "pause", 1)
+    job = kubectl.job(namespace, "pause")
+    assert condition_is(job, "Suspended", "False", "Resumed")
+    assert job["status"].get("restarts", 0) == 0
+
+
+def test_active_deadline_fails_the_job_and_frees_its_gpus(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("late", namespace, activeDeadlineSeconds=5))
+    running_pod(kubectl, namespace, "late", 0)
+    job = wait_for(
+        "DeadlineExceeded",
+        lambda: condition_is(j := kubectl.job(namespace, "late"), "Failed", "True", "DeadlineExceeded") and j,
+        timeout=TIMEOUT,
+    )
+    assert job["status"]["phase"] == "Failed"
+    wait_for(
+        "running pods deleted",
+        lambda: all(p["metadata"].get("deletionTimestamp") for p in kubectl.pods(namespace, "late")),
+        timeout=TIMEOUT,
+    )
+
+
+def test_a_finished_job_is_deleted_after_its_ttl(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    kubectl.apply(small_job("short", namespace, ttlSecondsAfterFinished=2))
+    pod = running_pod(kubectl, namespace, "short", 0)
+    kubectl.exit_pod(namespace, pod["metadata"]["name"], 0)
+    wait_for(
+        "job deleted",
+        lambda: kubectl.try_json("get", "ptj", "short", "-n", namespace) is None,
+        timeout=TIMEOUT,
+    )
+
+
+def test_a_gang_that_cannot_be_scheduled_is_released_and_retried(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    manifest = small_job("stuck", namespace, scheduleTimeoutSeconds=3)
+    # The planner sees free GPUs, but no node has this much CPU: the scheduler keeps the pod Pending.
+    manifest["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "100000"}}
+    kubectl.apply(manifest)
+    job = wait_for(
+        "GangScheduleTimeout",
+        lambda: (
+            condition_is(j := kubectl.job(namespace, "stuck"), "Running", "False", "GangScheduleTimeout")
+            and j
+        ),
+        timeout=TIMEOUT,
+    )
+    running = condition(job, "Running")
+    assert running is not None
+    assert "stuck-node-0" in running["message"]
+    assert job["status"]["scheduleFailures"] >= 1
+    assert job["status"].get("restarts", 0) == 0
+    wait_for(
+        "a retried attempt",
+        lambda: any(
+            p["metadata"]["labels"]["shardwise.dev/attempt"] != "0" for p in kubectl.pods(namespace, "stuck")
+        ),
+        timeout=TIMEOUT,
+    )
+
+
+def test_losing_a_node_replans_the_job_for_what_is_left(
+    cluster: Any, kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    product = "NVIDIA-L40S"
+    names = cluster.add_gpu_nodes(
+        2, gpus_per_node=4, gpu_product=product, gpu_memory_mib=46068, prefix="l40s"
+    )
+    kubectl.apply(
+        job_manifest(
+            "shrink",
+            namespace,
+            resources={"nodes": 2, "gpusPerNode": 4, "gpuProduct": product},
+            runPolicy={"replanOnNodeLoss": True},
+        )
+    )
+
+    def both_running() -> list[dict[str, Any]] | None:
+        pods = kubectl.pods(namespace, "shrink")
+        return pods if len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods) else None
+
+    pods = wait_for("two pods running", both_running, timeout=TIMEOUT)
+    assert {p["spec"]["nodeName"] for p in pods} == set(names)
+    kubectl("delete", "node", pods[1]["spec"]["nodeName"])
+
+    job = wait_for(
+        "re-planned on one node",
+        lambda: (
+            ((j := kubectl.job(namespace, "shrink"))["status"].get("layout") or {}).get("nodes") == 1 and j
+        ),
+        timeout=TIMEOUT,
+    )
+    assert job["status"].get("restarts", 0) == 0
+    assert job["status"]["attempt"] >= 1
+    assert any(e["reason"] == "Replanned" for e in kubectl.events(namespace, "shrink"))
+    pod = running_pod(kubectl, namespace, "shrink", job["status"]["attempt"])
+    assert pod["spec"]["nodeName"] == pods[0]["spec"]["nodeName"]
+    assert "--nnodes=1" in pod["spec"]["containers"][0]["command"]
