@@ -23,7 +23,9 @@ from shardwise.planner import (
 )
 from shardwise.planner import activations as act
 from shardwise.planner.memory import (
+    PRECISION_BYTES,
     model_context,
+    optimizer_k,
     stage_counts,
     stage_model_states,
     zero_model_states,
@@ -267,3 +269,12 @@ def test_offload_moves_states_to_host_and_counts_it_per_node() -> None:
 def test_small_architecture_accepts_defaults() -> None:
     a = Architecture(layers=2, hidden_size=64, heads=4, vocab_size=256)
     assert a.kv_heads == 4 and a.ffn_hidden_size == 256  # 2/3 of 4h rounded up to 256
+
+
+@pytest.mark.parametrize(("zero", "k"), [(0, 8), (1, 12), (2, 12), (3, 12)])
+def test_fp32_optimizer_bytes_include_deepspeeds_fp32_partition_under_zero(zero: int, k: int) -> None:
+    """fp32 without ZeRO: the weights are the master (K=8); with ZeRO DeepSpeed keeps a flat fp32
+    partition of its own as well (K=12), which the trainer's fidelity test measures."""
+    assert optimizer_k(PRECISION_BYTES["fp32"], zero) == k
+    assert optimizer_k(PRECISION_BYTES["bf16"], zero) == 12
+    assert optimizer_k(PRECISION_BYTES["bf16-pure"], zero) == 4

@@ -11,7 +11,11 @@ Precision conventions (bytes per parameter: weights, gradients, optimizer K):
     bf16 / fp16  mixed precision with fp32 master weights, the ZeRO paper's setting: 2, 2, K=12
                  (fp32 master copy, momentum, variance, 4 bytes each)
     bf16-pure    bf16 weights and gradients, AdamW moments kept in bf16, no master copy: 2, 2, 4
-    fp32         fp32 weights and gradients, fp32 moments (the weights are the master): 4, 4, 8
+    fp32         fp32 weights and gradients, fp32 moments: 4, 4, K=8 without ZeRO (the weights
+                 are the master); K=12 with ZeRO >= 1, because DeepSpeed's ZeRO optimizer keeps
+                 its own flat fp32 partition of the weights even when the model is fp32
+                 (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
+                 `fp32_partitioned_groups_flat`) — measured on CPU by the trainer's fidelity test
 
 Methods: LoRA / QLoRA keep the full-fine-tuning activation accounting (the gradient flows through
 every layer down to the first adapter); it is an upper bound, since a frozen linear layer need not
@@ -359,6 +363,14 @@ def overhead_terms(
     return tuple(terms)
 
 
+def optimizer_k(p: PrecisionBytes, zero: int) -> int:
+    """K for a precision under a ZeRO stage: fp32 gains DeepSpeed's fp32 partition copy (4 bytes)
+    once a ZeRO optimizer owns the weights (see the module docstring)."""
+    if zero >= 1 and p.param == 4 and p.optimizer == 8:
+        return 12
+    return p.optimizer
+
+
 def stage_model_states(
     ctx: ModelContext, c: StageCounts, dp: int, zero: int, offload: str
 ) -> tuple[int, int, int, int]:
@@ -370,13 +382,14 @@ def stage_model_states(
     the optimizer states and, from stage 2, the gradient partition to the host, which also keeps
     an fp32 gradient copy for CPU-Adam; "all" (stage 3) moves the parameter partition too."""
     p = ctx.precision
+    k = optimizer_k(p, zero)
     weights, grads, optimizer = zero_model_states(
-        c.trainable, dp, zero, k=p.optimizer, param_bytes=p.param, grad_bytes=p.grad
+        c.trainable, dp, zero, k=k, param_bytes=p.param, grad_bytes=p.grad
     )
     weights += ceil_div(c.frozen_bytes, dp) if zero >= 3 else c.frozen_bytes
     host = 0
     if offload in ("optimizer", "all"):
-        host += ceil_div((p.cpu_grad + p.optimizer) * c.trainable, dp)
+        host += ceil_div((p.cpu_grad + k) * c.trainable, dp)
         optimizer = 0
         if zero >= 2:
             grads = 0
