@@ -375,6 +375,9 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf logs every handled watch event at INFO; our own reconcile log says what matters.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     run_operator(
         namespaces=list(args.namespace),
         metrics_port=args.metrics_port,

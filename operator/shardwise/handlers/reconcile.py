@@ -6,6 +6,7 @@ changes nothing and writes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import Callable
@@ -159,8 +160,12 @@ class _Pass:
             self.log.info("status: phase %s, %s", self.status.get("phase"), self.status.get("message", ""))
         explicit = {e.reason for e in self.events}
         implied = [e for e in changed_events(self.written, self.status) if e.reason not in explicit]
-        for event in [*implied, *self.events]:
-            await post_event(self.r.kube, self.job, event.type, event.reason, event.message)
+        await asyncio.gather(
+            *(
+                post_event(self.r.kube, self.job, e.type, e.reason, e.message)
+                for e in [*implied, *self.events]
+            )
+        )
         self.written = copy.deepcopy(self.status)
         self.events = []
 
@@ -426,13 +431,9 @@ class _Pass:
     async def _create_pods(self, shape: PodShape, summary: PodsSummary) -> list[int] | None:
         try:
             await self._ensure_shared_children(self._planned_outcome)
-            created = []
-            for rank in summary.missing:
-                _, was_created = await ensure(
-                    self.r.kube, build_pod(self.job, shape, rank), patch_drift=False
-                )
-                if was_created:
-                    created.append(rank)
+            pods = [build_pod(self.job, shape, rank) for rank in summary.missing]
+            results = await asyncio.gather(*(ensure(self.r.kube, pod, patch_drift=False) for pod in pods))
+            created = [rank for rank, (_, new) in zip(summary.missing, results, strict=True) if new]
         except (TemplateError, ChildConflictError) as exc:
             reason = "InvalidTemplate" if isinstance(exc, TemplateError) else "ChildConflict"
             self.status = with_plan_failure(
@@ -539,6 +540,12 @@ class _Pass:
 
     async def _ensure_shared_children(self, outcome: PlanOutcome | None) -> None:
         """The Service and the layout ConfigMap, needed before any pod can start."""
+        if outcome is not None and outcome.document is not None:
+            await asyncio.gather(
+                ensure(self.r.kube, build_service(self.job)),
+                ensure(self.r.kube, build_configmap(self.job, outcome.document)),
+            )
+            return
         await ensure(self.r.kube, build_service(self.job))
         if outcome is None or outcome.document is None:
             try:

@@ -84,6 +84,9 @@ class Kube:
             k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
             await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        # The default pool (5 per core) queues a burst of job creations behind a handful of
+        # connections; the API server handles many more concurrent requests than that.
+        configuration.connection_pool_maxsize = 32
         return cls(api=k8s_client.ApiClient(configuration))
 
     async def close(self) -> None:
