@@ -22,6 +22,8 @@ _EVENT_TYPES: dict[str, tuple[str, str]] = {
     SUCCEEDED: ("Normal", "Normal"),
     FAILED: ("Warning", "Normal"),
     SUSPENDED: ("Normal", "Normal"),
+    "StragglerDetected": ("Warning", "Normal"),
+    "MemoryImbalanced": ("Warning", "Normal"),
 }
 
 

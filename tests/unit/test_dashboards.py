@@ -1,0 +1,235 @@
+"""The Grafana dashboards: generated, well-formed, and querying only metrics that really exist.
+
+"Really exist" = the sample names (and their labels) of a real render of the operator's
+collectors (the job-metrics exporter over a realistic state, the operator's own registry), the
+trainer's real exposition, and the recording rules of the shipped rules file. The live version
+of this check (PromQL against a Prometheus scraping a running operator) is an integration test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from tests.unit.test_exporter import operator_metrics, realistic
+
+from shardwise.metrics.exporter import JobMetricsExporter, exposition
+from shardwise_trainer import metrics as trainer_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+BOARDS = ROOT / "charts" / "shardwise" / "dashboards"
+RULES = ROOT / "charts" / "shardwise" / "files" / "prometheus-rules.yaml"
+
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+KEYWORDS |= {"and", "or", "unless", "inf", "nan"}
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+CLAUSE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)?\s*\{([^}]*)\}")
+NAME = re.compile(r"(?<![\w:.$])[a-zA-Z_:][a-zA-Z0-9_:]*")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+
+
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_dashboards", ROOT / "hack" / "gen-dashboards.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def committed() -> dict[str, dict[str, Any]]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(BOARDS.glob("*.json"))}
+
+
+def parse(expr: str) -> tuple[set[str], list[tuple[str | None, set[str]]]]:
+    """(metric names, [(selector metric or None, label names matched)]) of a PromQL expression."""
+    bare = STRING.sub('""', expr)
+    bare = re.sub(r"\[[^\]]*\]", "", bare)  # ranges, subqueries, $__rate_interval
+    bare = CLAUSE.sub(" ", bare)
+    selectors = [(m.group(1), set(MATCHER.findall(m.group(2)))) for m in SELECTOR.finditer(bare)]
+    bare = re.sub(r"\{[^}]*\}", " ", bare)
+    names = set()
+    for m in NAME.finditer(bare):
+        word = m.group(0)
+        if word in KEYWORDS or re.match(r"\s*\(", bare[m.end() :]):
+            continue  # a keyword, a function or an aggregation
+        names.add(word)
+    return names, selectors
+
+
+def test_parse_helper() -> None:
+    names, sel = parse(
+        'histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="1", y=~"$v"}[5m]))) '
+        "/ on (ns) group_left b and 1e3 + max(c) by (z)"
+    )
+    assert names == {"a_bucket", "b", "c"}
+    assert sel == [("a_bucket", {"x", "y"})]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, expr) of every panel target of every committed dashboard."""
+    out = []
+    for name, board in committed().items():
+        for panel in board["panels"]:
+            for t in panel.get("targets", []):
+                out.append((f"{name}: {panel['title']} {t['refId']}", t["expr"]))
+    return out
+
+
+def rule_queries() -> list[tuple[str, str]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [(r.get("alert") or r["record"], r["expr"]) for g in doc["groups"] for r in g["rules"]]
+
+
+@cache
+def real_series() -> dict[str, set[str]]:
+    """Sample name -> label names, from real renders of everything the dashboards may query."""
+    exporter = JobMetricsExporter()
+    realistic(exporter)
+    texts = [exposition(operator_metrics().registry, exporter).decode()]
+    stats = {
+        "labels": dict.fromkeys(trainer_metrics.LABELS, "0"),
+        **{name: 1.0 for name, _, _ in trainer_metrics.METRICS if name != "memory_bytes"},
+        "memory_bytes": {"peak_reserved": 1},
+    }
+    texts.append(trainer_metrics.render([stats]))
+    out: dict[str, set[str]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def recording_rules() -> set[str]:
+    doc = yaml.safe_load(RULES.read_text())
+    return {r["record"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+
+
+def test_committed_json_equals_the_generators_output() -> None:
+    gen = generator()
+    boards = gen.dashboards()
+    assert sorted(boards) == sorted(p.name for p in BOARDS.glob("*.json"))
+    for name, board in boards.items():
+        assert (BOARDS / name).read_text() == gen.render(board), f"{name}: run python hack/gen-dashboards.py"
+    assert gen.main(["--check"]) == 0
+
+
+def test_real_render_is_complete() -> None:
+    names = real_series()
+    for expected in (
+        "shardwise_gpu_memory_used_bytes",
+        "shardwise_job_layout_info",
+        "shardwise_jobs",
+        "shardwise_operator_reconcile_duration_seconds_bucket",
+        "shardwise_scrape_errors_total",
+        "shardwise_trainer_step_seconds",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize(("where", "expr"), dashboard_queries() + rule_queries())
+def test_every_query_names_only_real_metrics_and_labels(where: str, expr: str) -> None:
+    series = real_series()
+    known = set(series) | recording_rules()
+    names, selectors = parse(expr)
+    assert names, f"{where}: no metric in {expr!r}"
+    assert names <= known, f"{where}: unknown metric(s) {sorted(names - known)} in {expr!r}"
+    for metric, labels in selectors:
+        if metric in series:
+            assert labels <= series[metric], (
+                f"{where}: {metric} has no label(s) {sorted(labels - series[metric])}"
+            )
+
+
+def test_template_variables_query_real_labels() -> None:
+    series = real_series()
+    for name, board in committed().items():
+        variables = board["templating"]["list"]
+        assert variables[0]["type"] == "datasource" and variables[0]["query"] == "prometheus", name
+        for var in variables[1:]:
+            m = re.fullmatch(r"label_values\((\w+)(\{[^}]*\})?,\s*(\w+)\)", var["definition"])
+            assert m, f"{name}: {var['definition']}"
+            assert m.group(3) in series[m.group(1)], f"{name}: {var['definition']}"
+            assert var["query"]["query"] == var["definition"]
+
+
+def test_dashboards_are_well_formed() -> None:
+    boards = committed()
+    assert len(boards) == 4
+    uids = [b["uid"] for b in boards.values()]
+    assert len(set(uids)) == len(uids)
+    for name, board in boards.items():
+        assert len(board["uid"]) <= 40 and board["title"].startswith("shardwise / ")
+        assert board["schemaVersion"] >= 36 and "shardwise" in board["tags"]
+        panels = board["panels"]
+        assert len({p["id"] for p in panels}) == len(panels)
+        cells: set[tuple[int, int]] = set()
+        for p in panels:
+            where = f"{name}: {p['title']}"
+            pos = p["gridPos"]
+            assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, where
+            mine = {
+                (x, y)
+                for x in range(pos["x"], pos["x"] + pos["w"])
+                for y in range(pos["y"], pos["y"] + pos["h"])
+            }
+            assert not mine & cells, f"{where}: overlaps another panel"
+            cells |= mine
+            assert p["type"] in ("timeseries", "stat", "table", "barchart"), where
+            assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+            refs = [t["refId"] for t in p["targets"]]
+            assert refs and len(set(refs)) == len(refs), where
+            for t in p["targets"]:
+                assert t["datasource"] == p["datasource"] and t["expr"].strip(), where
+            for o in p["fieldConfig"]["overrides"]:
+                if o["matcher"]["id"] == "byFrameRefID":
+                    assert o["matcher"]["options"] in refs, where
+
+
+def test_the_required_panels_exist() -> None:
+    boards = committed()
+
+    def exprs(board: str) -> str:
+        return " ".join(t["expr"] for p in boards[board]["panels"] for t in p["targets"])
+
+    overview = exprs("shardwise-job-overview.json")
+    for metric in ("shardwise_job_layout_info", "shardwise_job_phase", "shardwise_job_tokens_per_second"):
+        assert metric in overview
+    memory = exprs("shardwise-gpu-memory.json")
+    for metric in ("used_bytes", "predicted_bytes", "capacity_bytes"):
+        assert f"shardwise_gpu_memory_{metric}" in memory
+    strag = exprs("shardwise-stragglers.json")
+    assert "shardwise_rank_straggler_score" in strag and "shardwise_rank_straggler{" in strag
+    titles = [p["title"] for p in boards["shardwise-stragglers.json"]["panels"]]
+    assert "Current stragglers" in titles and "Straggler score per rank" in titles
+    health = exprs("shardwise-operator.json")
+    assert "shardwise_operator_reconcile_duration_seconds" in health and "shardwise_jobs" in health
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus) missing")
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses every query (Grafana's variables replaced), as recording rules."""
+    exprs = [expr for _, expr in dashboard_queries()]
+    for board in committed().values():
+        for var in board["templating"]["list"][1:]:
+            exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", var["definition"]))
+    concrete = [re.sub(r"\$\w+", ".*", re.sub(r"\$__\w+", "5m", e)) for e in exprs]
+    rules = [{"record": f"dashboard:query_{i}:check", "expr": e} for i, e in enumerate(concrete)]
+    path = tmp_path / "dashboards.rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in done.stdout
