@@ -17,10 +17,12 @@ from typing import Any
 
 import kopf
 
+from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
 from shardwise.jobstatus import finished
 from shardwise.kube.client import Kube
+from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
 from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
 
@@ -46,6 +48,8 @@ class Controller:
     workers: int = 8
     restart_backoff_seconds: float = 10.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    exporter: JobMetricsExporter = field(default_factory=JobMetricsExporter)
+    monitor: Monitor | None = None
     queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     indexes: dict[str, Any] = field(default_factory=dict)
     node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -67,13 +71,31 @@ class Controller:
 
     async def start(self) -> None:
         self.kube = await Kube.connect(self.kubeconfig)
+        self.monitor = Monitor(
+            self.kube, self.view(), self.exporter, poke=self.queue.add, jobs=self._all_jobs
+        )
         reconciler = Reconciler(
             self.kube,
             self.view(),
-            on_pass=self.metrics.observe_job,
+            on_pass=self._observed,
             restart_backoff_seconds=self.restart_backoff_seconds,
+            findings=self.monitor.conditions,
         )
         self.tasks = [asyncio.create_task(self._work(reconciler)) for _ in range(self.workers)]
+        self.tasks.append(asyncio.create_task(self.monitor.run()))
+
+    def _all_jobs(self) -> list[dict[str, Any]]:
+        return [job for values in self.indexes.get("shardwise_jobs", {}).values() for job in values]
+
+    def _observed(self, key: JobKey, status: dict[str, Any]) -> None:
+        self.metrics.observe_job(key, status)
+        self.exporter.observe_status(key[0], key[1], status)
+
+    def forget(self, key: JobKey) -> None:
+        """The job is gone: no work, no series left behind."""
+        self.queue.forget(key)
+        self.metrics.forget_job(key)
+        self.exporter.forget_job(*key)
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -191,8 +213,7 @@ def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs:
     _remember_indexes(kwargs)
     key = (namespace or "", name)
     if event.get("type") == "DELETED":
-        CONTROLLER.queue.forget(key)
-        CONTROLLER.metrics.forget_job(key)
+        CONTROLLER.forget(key)
         return
     CONTROLLER.queue.add(key)
 

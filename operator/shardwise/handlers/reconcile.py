@@ -32,6 +32,7 @@ from shardwise.jobstatus import (
 from shardwise.kube.children import ChildConflictError, ensure
 from shardwise.kube.client import Kube, KubeError
 from shardwise.kube.events import post_event
+from shardwise.metrics.analysis import ConditionValue
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
@@ -95,6 +96,8 @@ class Reconciler:
     now: Callable[[], str] = _now
     on_pass: Callable[[JobKey, dict[str, Any]], None] | None = None
     restart_backoff_seconds: float = 10.0
+    # The monitor's latest StragglerDetected / MemoryImbalanced findings for a running job.
+    findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
     # The job as our last status write returned it: the watch cache may not have caught up yet,
     # and a pass that read an older status (an older attempt) would undo its own decisions.
     written: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
@@ -258,6 +261,8 @@ class _Pass:
                 return None
 
         self.status = with_pods(self.status, summary, now=self.now, generation=self.generation)
+        for finding in self.r.findings(self.key) if self.r.findings else ():
+            self.condition(finding.type, finding.status, finding.reason, finding.message)
         self.status["attempt"] = attempt
         self.status.setdefault("restarts", 0)
         if summary.all_running:

@@ -5,20 +5,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from threading import Thread
 from typing import Any
 
 import kopf
-from prometheus_client import start_http_server
+from kopf._core.engines.peering import Identity  # kopf exports the type only privately
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from shardwise.handlers import app
+from shardwise.metrics.exporter import exposition
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @kopf.on.login()
-def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # In a pod the ServiceAccount; elsewhere $KUBECONFIG. No client library is needed for either.
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        return kopf.login_with_service_account(**kwargs)
-    return kopf.login_with_kubeconfig(**kwargs)
+def _login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod: the ServiceAccount, at the address the kubelet gives in KUBERNETES_SERVICE_*
+    # (kopf's own helper assumes cluster DNS for kubernetes.default.svc). Elsewhere: $KUBECONFIG.
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    token_path = os.path.join(SERVICE_ACCOUNT_DIR, "token")
+    if host and not os.environ.get("KUBECONFIG") and os.path.exists(token_path):
+        token = Path(token_path).read_text(encoding="utf-8").strip()
+        ca_path = os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt")
+        ns_file = Path(SERVICE_ACCOUNT_DIR, "namespace")
+        namespace = ns_file.read_text(encoding="utf-8").strip() if ns_file.exists() else None
+        server_host = f"[{host}]" if ":" in host else host
+        return kopf.ConnectionInfo(
+            server=f"https://{server_host}:{port}",
+            ca_path=ca_path if os.path.exists(ca_path) else None,
+            token=token or None,
+            default_namespace=namespace or None,
+            trust_env=settings.networking.trust_env,
+        )
+    return kopf.login_with_kubeconfig(settings=settings, **kwargs)
 
 
 def run_operator(
@@ -40,7 +62,7 @@ def run_operator(
     app.CONTROLLER.workers = workers
     app.CONTROLLER.restart_backoff_seconds = restart_backoff_seconds
     if metrics_port:
-        start_http_server(metrics_port, addr=metrics_address, registry=app.CONTROLLER.metrics.registry)
+        serve_metrics(metrics_address, metrics_port)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
     asyncio.run(
         kopf.operator(
@@ -48,5 +70,33 @@ def run_operator(
             namespaces=namespaces,
             standalone=True,
             liveness_endpoint=liveness_endpoint,
+            # kopf derives an identity from getpass.getuser(), which fails for a UID without a
+            # passwd entry (the restricted image runs as 65532).
+            identity=Identity(f"shardwise-{socket.gethostname()}-{os.getpid()}"),
         )
     )
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics: the operator's own metrics plus every job's (see shardwise.metrics.exporter)."""
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body = exposition(app.CONTROLLER.metrics.registry, app.CONTROLLER.exporter)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        del format, args  # one line per scrape is noise
+
+
+def serve_metrics(address: str, port: int) -> ThreadingHTTPServer:
+    """Serve /metrics from a daemon thread (scrapes never wait on the reconcile loop)."""
+    server = ThreadingHTTPServer((address, port), _MetricsHandler)
+    Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

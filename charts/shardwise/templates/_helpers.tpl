@@ -1,0 +1,108 @@
+{{/* Names, labels and small shared pieces of the shardwise chart. */}}
+
+{{- define "shardwise.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-<chart> unless the release name already contains the chart name; 63 chars max. */}}
+{{- define "shardwise.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shardwise.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades (a Deployment's selector is immutable). */}}
+{{- define "shardwise.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shardwise.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "shardwise.labels" -}}
+helm.sh/chart: {{ include "shardwise.chart" . }}
+{{ include "shardwise.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: shardwise
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "shardwise.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "shardwise.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "shardwise.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The rules the operator needs on namespaced resources, wherever it watches. Every verb is used:
+  paralleltrainingjobs        list, watch   kopf's watch of the jobs (an index + event handler)
+                              delete        a finished job whose ttlSecondsAfterFinished has passed
+  paralleltrainingjobs/status patch         the one status merge-patch per reconcile pass
+  pods                        list, watch   kopf's watches (job pods; bound pods for the GPU inventory)
+                              create, get   trainer pods are created; a 409 is followed by a get
+                                            to check the owner (kube/children.py); never patched
+                              delete        gang restarts, suspend, and freeing the GPUs of a
+                                            finished job's pods that still run
+  services, configmaps        create, get, patch   the headless Service and <job>-layout:
+                                            create-or-adopt, and a merge-patch when they drift
+  events                      create        Events on the job (kube/events.py and kopf's posting)
+Services and ConfigMaps are never deleted by the operator: they go with their job through owner
+references (the garbage collector).
+No Secrets: the operator never reads or writes one.
+*/}}
+{{- define "shardwise.namespacedRules" -}}
+- apiGroups: ["shardwise.dev"]
+  resources: ["paralleltrainingjobs"]
+  verbs: ["list", "watch", "delete"]
+- apiGroups: ["shardwise.dev"]
+  resources: ["paralleltrainingjobs/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["create", "get", "list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["create", "get", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/*
+Cluster-scoped rules, needed in both modes:
+  nodes                      list, watch   the GPU inventory (allocatable GPUs, GFD labels)
+  customresourcedefinitions  list, watch   kopf's resource observation: it notices the CRD being
+                                           (re)installed while it runs; without it kopf logs a
+                                           warning and only scans the API at startup
+*/}}
+{{- define "shardwise.clusterRules" -}}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}

@@ -1,0 +1,144 @@
+"""The scrape loop: every running job's pods are scraped at its monitoring interval and analysed.
+
+Findings become the StragglerDetected / MemoryImbalanced conditions: the monitor keeps them per
+job and pokes the job's reconcile, which writes them in its single status patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from shardwise.handlers.reconcile import ClusterView, JobKey
+from shardwise.kube.client import Kube, KubeError
+from shardwise.metrics.analysis import (
+    AnalysisSettings,
+    ConditionValue,
+    JobWindows,
+    PlanView,
+    observe_pass,
+    plan_from_layout,
+)
+from shardwise.metrics.exporter import JobMetricsExporter
+from shardwise.metrics.scrape import fetch_pages
+from shardwise.resources.names import LABEL_ATTEMPT, LAYOUT_FILE_KEY, TRAINER_METRICS_PORT, configmap_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Watched:
+    """What the monitor keeps per running job (one attempt)."""
+
+    uid: str
+    attempt: int
+    plan: PlanView | None
+    state: JobWindows = field(default_factory=JobWindows)
+    next_due: float = 0.0
+    busy: bool = False
+    conditions: tuple[ConditionValue, ...] = ()
+
+
+@dataclass
+class Monitor:
+    """Schedules scrape passes; owns the per-job windows and the job metrics exporter."""
+
+    kube: Kube
+    view: ClusterView
+    exporter: JobMetricsExporter
+    poke: Callable[[JobKey], None]
+    jobs: Callable[[], list[dict[str, Any]]]
+    concurrency: int = 16
+    tick_seconds: float = 1.0
+    watched: dict[JobKey, _Watched] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def conditions(self, key: JobKey) -> tuple[ConditionValue, ...]:
+        """The latest findings for a job (empty before its first full window)."""
+        entry = self.watched.get(key)
+        return entry.conditions if entry else ()
+
+    async def run(self) -> None:
+        limit = asyncio.Semaphore(self.concurrency)
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await asyncio.sleep(self.tick_seconds)
+                try:
+                    await self._tick(session, limit)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("scrape loop pass failed")
+
+    async def _tick(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore) -> None:
+        now = time.monotonic()
+        running: set[JobKey] = set()
+        for job in self.jobs():
+            meta, status = job["metadata"], job.get("status") or {}
+            if status.get("phase") != "Running":
+                continue
+            key = (meta["namespace"], meta["name"])
+            running.add(key)
+            attempt = int(status.get("attempt") or 0)
+            entry = self.watched.get(key)
+            if entry is None or entry.uid != meta.get("uid") or entry.attempt != attempt:
+                # A new job or a new attempt: fresh windows (a restarted gang is a new population).
+                entry = self.watched[key] = _Watched(meta.get("uid", ""), attempt, await self._plan(key))
+            if entry.busy or now < entry.next_due:
+                continue
+            interval = float((job.get("spec") or {}).get("monitoring", {}).get("scrapeIntervalSeconds") or 15)
+            entry.next_due = now + interval
+            entry.busy = True
+            task = asyncio.create_task(self._scrape(session, limit, key, job, entry))
+            self.tasks.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self.tasks.discard)
+        for key in [k for k in self.watched if k not in running]:
+            self.watched.pop(key)
+            self.exporter.clear_analysis(*key)
+
+    async def _plan(self, key: JobKey) -> PlanView | None:
+        try:
+            cm = await self.kube.get("v1", "ConfigMap", key[0], configmap_name(key[1]))
+            return plan_from_layout(json.loads(cm["data"][LAYOUT_FILE_KEY]))
+        except (KubeError, KeyError, ValueError) as exc:
+            log.warning("ParallelTrainingJob %s/%s: no layout for the analysis: %s", *key, exc)
+            return None
+
+    async def _scrape(
+        self,
+        session: aiohttp.ClientSession,
+        limit: asyncio.Semaphore,
+        key: JobKey,
+        job: dict[str, Any],
+        entry: _Watched,
+    ) -> None:
+        try:
+            urls = {}
+            for pod in self.view.job_pods(key):
+                labels = pod["metadata"].get("labels") or {}
+                ip = (pod.get("status") or {}).get("podIP")
+                if labels.get(LABEL_ATTEMPT) == str(entry.attempt) and ip:
+                    urls[pod["metadata"]["name"]] = f"http://{ip}:{TRAINER_METRICS_PORT}/metrics"
+            if not urls:
+                return
+            pages = await fetch_pages(session, urls, limit=limit)
+            settings = AnalysisSettings.from_monitoring((job.get("spec") or {}).get("monitoring"))
+            outcome = observe_pass(entry.state, pages, entry.plan, settings)
+            entry.state = outcome.state
+            self.exporter.update_job(key[0], key[1], outcome.analysis)
+            for failed in outcome.failed_pods:
+                self.exporter.record_scrape_error(key[0], key[1], failed)
+            for error in outcome.errors:
+                log.info("ParallelTrainingJob %s/%s: scrape: %s", key[0], key[1], error)
+            if outcome.conditions != entry.conditions:
+                entry.conditions = outcome.conditions
+                self.poke(key)
+        finally:
+            entry.busy = False
