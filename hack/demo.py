@@ -76,7 +76,7 @@ def trainer_lines(log: str) -> list[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps to train (default 30)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps to train (default 60)")
     parser.add_argument("--keep", action="store_true", help="leave everything running at the end")
     args = parser.parse_args()
 
@@ -123,11 +123,13 @@ def main() -> int:
             job["metadata"]["namespace"] = "default"
             job["spec"]["resources"]["nodeSelector"] = {"shardwise.dev/local-runner-name": "cpu"}
             trainer = job["spec"]["template"]["spec"]["containers"][0]
-            trainer["args"] = ["--steps", str(args.steps), "--checkpoint-every", "0", "--linger-seconds", "4"]
+            trainer["args"] = ["--steps", str(args.steps), "--checkpoint-every", "0", "--linger-seconds", "6"]
+            # Scrape often so that a short demo run shows the operator's per-GPU analysis.
+            job["spec"]["monitoring"] = {"scrapeIntervalSeconds": 1}
             kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(job))
             say("applied examples/tiny-cpu.yaml; following the job")
 
-            phase, last_trainer_metrics = "", None
+            phase, last_trainer_metrics, last_operator_metrics = "", None, None
             deadline = time.monotonic() + 600
             status: dict[str, Any] = {}
             while time.monotonic() < deadline:
@@ -146,6 +148,9 @@ def main() -> int:
                         text = scrape(f"http://{ip}:9400/metrics") if ip else None
                         if text and "shardwise_trainer_step " in text.replace("{", " "):
                             last_trainer_metrics = text
+                    text = scrape(op.metrics_url)
+                    if text and "shardwise_rank_step_seconds{" in text:
+                        last_operator_metrics = text
                 if phase in ("Succeeded", "Failed"):
                     break
                 time.sleep(1)
@@ -188,6 +193,21 @@ def main() -> int:
                 say("trainer metrics (a pod's stats endpoint during the run)")
                 for line in last_trainer_metrics.splitlines():
                     if line.startswith("shardwise_trainer_") and ('rank="0"' in line or 'rank="2"' in line):
+                        print(f"   {line}")
+            if last_operator_metrics:
+                say("operator's per-GPU analysis while the job ran (memory balance, stragglers)")
+                wanted = (
+                    "shardwise_gpu_memory_used_bytes",
+                    "shardwise_gpu_model_state_bytes",
+                    "shardwise_gpu_model_state_predicted_bytes",
+                    "shardwise_rank_step_seconds",
+                    "shardwise_rank_straggler_score",
+                    "shardwise_job_memory_imbalance_ratio",
+                    "shardwise_job_stragglers",
+                    "shardwise_job_tokens_per_second",
+                )
+                for line in last_operator_metrics.splitlines():
+                    if line.startswith(wanted):
                         print(f"   {line}")
             say("operator metrics")
             for line in (scrape(op.metrics_url) or "").splitlines():

@@ -169,6 +169,11 @@ def _training(training: Mapping[str, Any]) -> tuple[TrainingSettings, dict[str, 
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise SpecError(f"{path}.trainableFraction: expected a number in (0, 1], got {fraction!r}")
         kwargs["trainable_fraction"] = float(fraction)
+    lr = training.get("learningRate")
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr <= 1:
+            raise SpecError(f"{path}.learningRate: expected a number in (0, 1], got {lr!r}")
+        kwargs["learning_rate"] = float(lr)
     pins: dict[str, Any] = {}
     micro = _int(training, "microBatchSize", path, minimum=0)
     if micro:

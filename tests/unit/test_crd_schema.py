@@ -199,6 +199,7 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "loraRank",
         "loraTargets",
         "trainableFraction",
+        "learningRate",
     }
     assert set(get(schema, "spec.parallelism")["properties"]) == {"tensor", "pipeline", "zeroStage"}
     assert set(get(schema, "spec.resources")["properties"]) == {

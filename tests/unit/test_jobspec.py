@@ -9,6 +9,7 @@ import pytest
 
 from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec, spec_from_manifest
 from shardwise.planner import gpu, plan
+from shardwise.resources.deepspeed_config import deepspeed_config_for
 from shardwise.resources.layout_file import status_layout
 
 
@@ -159,3 +160,19 @@ def test_status_layout_pins_reproduce_the_plan(preset_name: str) -> None:
 def test_status_layout_with_bad_values() -> None:
     with pytest.raises(SpecError, match=r"status\.layout\.offload"):
         pins_from_status_layout({"tensor": 1, "offload": "disk"})
+
+
+def test_learning_rate_reaches_the_deepspeed_config() -> None:
+    request = request_from_spec(_spec(training={"learningRate": 0.003}))
+    assert request.training.learning_rate == 0.003
+    result = plan(request)
+    assert result.choice is not None
+    assert deepspeed_config_for(request, result.choice.layout)["optimizer"]["params"]["lr"] == 0.003
+    default = request_from_spec(_spec())
+    assert default.training.learning_rate == 1e-5
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, 2, "fast", True])
+def test_bad_learning_rate_is_named(bad: Any) -> None:
+    with pytest.raises(SpecError, match="learningRate"):
+        request_from_spec(_spec(training={"learningRate": bad}))

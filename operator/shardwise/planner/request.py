@@ -35,6 +35,7 @@ class TrainingSettings:
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
     trainable_fraction: float = 0.1  # freeze: share of the (last) transformer layers trained
     optimizer: str = "adamw"
+    learning_rate: float = 1e-5  # AdamW peak learning rate, written into the DeepSpeed config
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +51,8 @@ class TrainingSettings:
         for target in self.lora_targets:
             if target not in LORA_TARGETS:
                 raise PlanInputError(f"unknown LoRA target {target!r} (one of {', '.join(LORA_TARGETS)})")
+        if not 0 < self.learning_rate <= 1:
+            raise PlanInputError(f"learning rate must be in (0, 1], got {self.learning_rate}")
         if not 0 < self.trainable_fraction <= 1:
             raise PlanInputError(f"trainable fraction must be in (0, 1], got {self.trainable_fraction}")
 

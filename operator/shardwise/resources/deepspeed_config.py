@@ -18,7 +18,11 @@ WEIGHT_DECAY = 0.0
 
 
 def deepspeed_config(
-    layout: Layout, precision: str, settings: PlannerSettings | None = None, method: str = "full"
+    layout: Layout,
+    precision: str,
+    settings: PlannerSettings | None = None,
+    method: str = "full",
+    learning_rate: float = LEARNING_RATE,
 ) -> dict[str, Any]:
     """The DeepSpeed config for a layout and precision (bf16 | fp16 | bf16-pure | fp32).
 
@@ -54,7 +58,7 @@ def deepspeed_config(
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": LEARNING_RATE, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WEIGHT_DECAY},
+            "params": {"lr": learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WEIGHT_DECAY},
         },
         "wall_clock_breakdown": False,
     }
@@ -100,4 +104,7 @@ def deepspeed_config(
 
 def deepspeed_config_for(request: PlanRequest, layout: Layout) -> dict[str, Any]:
     """deepspeed_config() with the request's precision, method and planner settings."""
-    return deepspeed_config(layout, request.training.precision, request.settings, request.training.method)
+    training = request.training
+    return deepspeed_config(
+        layout, training.precision, request.settings, training.method, training.learning_rate
+    )
