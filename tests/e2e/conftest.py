@@ -19,11 +19,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
+
+from tests.jobs import Kubectl, install_crd  # noqa: E402
+from tests.operator_process import running_operator  # noqa: E402
 
 import integration.conftest as _integration  # noqa: E402
 from cluster import LocalCluster  # noqa: E402
@@ -166,3 +170,13 @@ def start_node_runner(
 def node_runner(start_node_runner: StartNodeRunner) -> NodeRunner:
     """A node runner with 2 nodes x 2 GPUs (H100 80 GB labels), for the whole session."""
     return start_node_runner(nodes=2, gpus_per_node=2)
+
+
+@pytest.fixture(scope="session")
+def shardwise_operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The CRD installed and `shardwise operator` running against the session's cluster."""
+    install_crd(Kubectl(cluster), str(TESTS.parent / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"))
+    log = tmp_path_factory.mktemp("operator-e2e") / "operator.log"
+    with running_operator(cluster.kubeconfig, log, "--restart-backoff-seconds", "1") as op:
+        yield op
+    print(op.log()[-20000:])

@@ -1,0 +1,159 @@
+"""Observability end to end: a real Prometheus scrapes the operator while a job trains with one
+rank slowed by the trainer's test switch; PromQL sees the straggler, the job gets the condition,
+every GPU has memory series, and the job's series go when the job is deleted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.cluster import in_ci
+from tests.e2e.jobs_e2e import tiny_job
+from tests.jobs import Kubectl, condition, wait_for
+from tests.operator_process import free_port
+
+pytestmark = pytest.mark.e2e
+
+SLOW_RANK, SLOW_FACTOR = 1, 2.0
+
+
+class Prometheus:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url, self.process, self.log = url, process, log
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(
+            f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=5
+        ) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+
+@pytest.fixture(scope="module")
+def prometheus(shardwise_operator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if in_ci():
+            pytest.fail("Debian prometheus is not installed (hack/setup installs it)")
+        pytest.skip("prometheus not installed; run hack/setup")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    target = shardwise_operator.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: shardwise-operator\n"
+        "    honor_labels: true  # our series carry their own job / namespace / pod labels\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    port = free_port()
+    log = workdir / "prometheus.log"
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    prom = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_for("Prometheus ready", lambda: _ready(prom), timeout=60)
+        yield prom
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _ready(prom: Prometheus) -> bool:
+    if prom.process.poll() is not None:
+        pytest.fail(f"prometheus exited:\n{prom.log.read_text()[-3000:]}")
+    try:
+        with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_prometheus_sees_the_slowed_rank_and_the_job_gets_the_condition(
+    cluster: Any, start_node_runner: Any, shardwise_operator: Any, prometheus: Prometheus
+) -> None:
+    # The slow switch is test tooling: the runner puts it in the pods' environment (the CRD
+    # rejects SHARDWISE_* names in a user's template).
+    runner = start_node_runner(extra_args=[f"--env=SHARDWISE_TEST_SLOW_RANK={SLOW_RANK}:{SLOW_FACTOR}"])
+    kubectl = Kubectl(cluster)
+    namespace = f"obs-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+    job = tiny_job(
+        "slow",
+        namespace,
+        runner.node_selector,
+        "--steps", "400", "--checkpoint-every", "0",
+        monitoring={"scrapeIntervalSeconds": 1, "stragglerThreshold": 0.3},
+    )  # fmt: skip
+    kubectl.apply(job)
+    selector = f'namespace="{namespace}",job="slow"'
+
+    score = wait_for(
+        "the slowed rank's straggler score above the threshold in Prometheus",
+        lambda: [
+            s
+            for s in prometheus.query(f"shardwise_rank_straggler_score{{{selector}}} > 1.3")
+            if s["metric"]["rank"] == str(SLOW_RANK)
+        ],
+        timeout=180,
+        interval=1,
+    )
+    # c10d rendezvous hands out node ranks by arrival, so the slowed rank may be in either pod:
+    # the series names the pod and node that really host it.
+    slow_pod, slow_node = score[0]["metric"]["pod"], score[0]["metric"]["node"]
+    assert slow_pod in ("slow-node-0", "slow-node-1")
+    assert slow_node in runner.nodes
+
+    flagged = wait_for(
+        "StragglerDetected=True",
+        lambda: (
+            (c := condition(kubectl.job(namespace, "slow"), "StragglerDetected"))
+            and c["status"] == "True"
+            and c
+        ),
+        timeout=120,
+        interval=1,
+    )
+    assert f"rank {SLOW_RANK}" in flagged["message"]
+    assert slow_pod in flagged["message"]
+    assert any(e["reason"] == flagged["reason"] for e in kubectl.events(namespace, "slow"))
+
+    # Memory series for every GPU (rank) of the job, with the plan's prediction beside them.
+    used = prometheus.query(f"shardwise_gpu_memory_used_bytes{{{selector}}}")
+    predicted = prometheus.query(f"shardwise_gpu_model_state_predicted_bytes{{{selector}}}")
+    assert sorted(s["metric"]["rank"] for s in used) == ["0", "1", "2", "3"]
+    assert sorted(s["metric"]["rank"] for s in predicted) == ["0", "1", "2", "3"]
+
+    kubectl("delete", "ptj", "slow", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def gone() -> bool:
+        text = shardwise_operator.metrics()
+        return (
+            f'job="slow",namespace="{namespace}"' not in text
+            and f'namespace="{namespace}",job="slow"' not in text
+        )
+
+    wait_for("the job's series removed from /metrics", gone, timeout=60)
+    time.sleep(2)  # one more Prometheus scrape: the series must be absent there too
+    assert prometheus.query(f"shardwise_gpu_memory_used_bytes{{{selector}}}") == []
