@@ -12,7 +12,6 @@ and the metrics the trainer and the operator export. Everything is stopped at th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from tests.e2e.jobs_e2e import json_lines, tiny_job  # noqa: E402
 from tests.operator_process import running_operator  # noqa: E402
 
 from cluster import LocalCluster  # noqa: E402
@@ -57,21 +57,6 @@ def scrape(url: str) -> str | None:
             return str(response.read().decode())
     except OSError:
         return None
-
-
-def trainer_lines(log: str) -> list[dict[str, Any]]:
-    lines = []
-    for raw in log.splitlines():
-        start = raw.find("{")
-        if start < 0:
-            continue
-        try:
-            value = json.loads(raw[start:])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            lines.append(value)
-    return lines
 
 
 def main() -> int:
@@ -118,14 +103,14 @@ def main() -> int:
 
         with running_operator(cluster.kubeconfig, state / "operator.log") as op:
             say(f"operator running (metrics on {op.metrics_url})")
-            job = yaml.safe_load(EXAMPLE.read_text())
-            job = copy.deepcopy(job)
-            job["metadata"]["namespace"] = "default"
-            job["spec"]["resources"]["nodeSelector"] = {"shardwise.dev/local-runner-name": "cpu"}
-            trainer = job["spec"]["template"]["spec"]["containers"][0]
-            trainer["args"] = ["--steps", str(args.steps), "--checkpoint-every", "0", "--linger-seconds", "6"]
-            # Scrape often so that a short demo run shows the operator's per-GPU analysis.
-            job["spec"]["monitoring"] = {"scrapeIntervalSeconds": 1}
+            job = tiny_job(
+                "tiny-cpu",
+                "default",
+                {"shardwise.dev/local-runner-name": "cpu"},
+                *("--steps", str(args.steps), "--checkpoint-every", "0", "--linger-seconds", "6"),
+                # Scrape often so that a short demo run shows the operator's per-GPU analysis.
+                monitoring={"scrapeIntervalSeconds": 1},
+            )
             kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(job))
             say("applied examples/tiny-cpu.yaml; following the job")
 
@@ -163,7 +148,7 @@ def main() -> int:
                 for rank in (0, 1)
                 if (runner_dir / "logs" / "default" / f"tiny-cpu-node-{rank}.log").exists()
             }
-            records = [r for log in logs.values() for r in trainer_lines(log)]
+            records = [r for log in logs.values() for r in json_lines(log)]
             steps = [r for r in records if "step" in r and "loss" in r and "tokens_per_s" in r]
             if steps:
                 say("training (rank 0, one JSON line per step)")
