@@ -262,3 +262,42 @@ def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
     assert planned["status"] == "True"
     assert job["status"]["layout"]["gpuMemoryBytes"] == 81920 * 2**20
     assert pods[0]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == product
+
+
+def test_pods_with_the_jobs_labels_but_another_owner_are_ignored(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    impostor = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "not-the-jobs",
+            "namespace": namespace,
+            # Every label the operator sets, copied by hand: only the owner reference differs.
+            "labels": {
+                "shardwise.dev/job-name": "owned",
+                "shardwise.dev/node-rank": "0",
+                "shardwise.dev/attempt": "0",
+            },
+        },
+        "spec": {
+            "containers": [{"name": "x", "image": "busybox"}],
+            "nodeSelector": {"no-such-node": "true"},  # stays Pending
+        },
+    }
+    kubectl.apply(impostor)
+    kubectl.apply(job_manifest("owned", namespace, resources={"nodes": 1, "gpusPerNode": 2}))
+    pods = wait_for(
+        "the job's own pod running",
+        lambda: [p for p in job_pods(kubectl, namespace, "owned") if p["metadata"]["name"] == "owned-node-0"
+                 and p["status"].get("phase") == "Running"],
+    )  # fmt: skip
+    wait_for("job Running", lambda: kubectl.job(namespace, "owned")["status"].get("phase") == "Running")
+    kubectl.exit_pod(namespace, pods[0]["metadata"]["name"], 0)
+    job = wait_for(
+        "job Succeeded",
+        lambda: (j := kubectl.job(namespace, "owned"))["status"].get("phase") == "Succeeded" and j,
+    )
+    assert job["status"]["message"] == "all 1 pods completed successfully"
+    still = kubectl.json("get", "pod", "not-the-jobs", "-n", namespace)
+    assert still["metadata"].get("deletionTimestamp") is None

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from shardwise.handlers.reconcile import ClusterView, JobKey
+from shardwise.kube.children import controller_uid
 from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.analysis import (
     AnalysisSettings,
@@ -122,6 +123,8 @@ class Monitor:
         try:
             urls = {}
             for pod in self.view.job_pods(key):
+                if controller_uid(pod) != entry.uid:
+                    continue  # the job's labels, but not its pod
                 labels = pod["metadata"].get("labels") or {}
                 ip = (pod.get("status") or {}).get("podIP")
                 if labels.get(LABEL_ATTEMPT) == str(entry.attempt) and ip:

@@ -29,7 +29,7 @@ from shardwise.jobstatus import (
     with_plan_failure,
     with_pods,
 )
-from shardwise.kube.children import ChildConflictError, ensure
+from shardwise.kube.children import ChildConflictError, controller_uid, ensure
 from shardwise.kube.client import Kube, KubeError
 from shardwise.kube.events import post_event
 from shardwise.metrics.analysis import ConditionValue
@@ -189,7 +189,10 @@ class _Pass:
     # -- the pass ----------------------------------------------------------------------------------
 
     async def run(self) -> float | None:
-        pods = self.r.view.job_pods(self.key)
+        # Only pods this job controls: a pod that merely carries the job's labels (copied by
+        # hand, or another controller's) is neither counted nor ever deleted.
+        uid = self.meta.get("uid")
+        pods = [p for p in self.r.view.job_pods(self.key) if controller_uid(p) == uid]
         if finished(self.status):
             return await self._finished(pods)
         self.status["observedGeneration"] = self.generation

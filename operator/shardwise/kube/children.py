@@ -14,7 +14,8 @@ class ChildConflictError(Exception):
     """A child's fixed name is taken by an object the job does not control."""
 
 
-def _controller_uid(obj: dict[str, Any]) -> str | None:
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller (ownerReference with controller: true), if any."""
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
             return str(ref.get("uid"))
@@ -54,7 +55,7 @@ async def ensure(
         if exc.status != 409:
             raise
     actual = await kube.get(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
-    if _controller_uid(actual) != owner_uid:
+    if controller_uid(actual) != owner_uid:
         raise ChildConflictError(
             f"{desired['kind']} {meta['namespace']}/{meta['name']} already exists and is not controlled"
             " by this job; delete or rename it"
