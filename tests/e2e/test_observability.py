@@ -5,6 +5,7 @@ every GPU has memory series, and the job's series go when the job is deleted."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from tests.cluster import in_ci
 from tests.e2e.jobs_e2e import tiny_job
 from tests.jobs import Kubectl, condition, wait_for
@@ -24,6 +26,9 @@ from tests.operator_process import free_port
 pytestmark = pytest.mark.e2e
 
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
+CHART = Path(__file__).resolve().parents[2] / "charts" / "shardwise"
+RULES = CHART / "files" / "prometheus-rules.yaml"
+BOARDS = CHART / "dashboards"
 
 
 class Prometheus:
@@ -78,6 +83,35 @@ def prometheus(shardwise_operator: Any, tmp_path_factory: pytest.TempPathFactory
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def exposed_names(text: str) -> set[str]:
+    """Metric names in an exposition, with the sample names a TYPE line implies."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(maxsplit=3)
+            names.add(name)
+            if kind == "counter":
+                names.add(f"{name}_total")
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+        elif line and not line.startswith("#"):
+            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names
+
+
+def dashboard_and_rule_metrics() -> set[str]:
+    """Every metric name the dashboards and rules query, recording rules' own names excluded."""
+    rules = yaml.safe_load(RULES.read_text())
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    for board in BOARDS.glob("*.json"):
+        exprs += re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', board.read_text())
+    names = set()
+    for expr in exprs:
+        names |= {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr) if n.startswith("shardwise")}
+    return names - recorded
 
 
 def _ready(prom: Prometheus) -> bool:
@@ -144,6 +178,10 @@ def test_prometheus_sees_the_slowed_rank_and_the_job_gets_the_condition(
     predicted = prometheus.query(f"shardwise_gpu_model_state_predicted_bytes{{{selector}}}")
     assert sorted(s["metric"]["rank"] for s in used) == ["0", "1", "2", "3"]
     assert sorted(s["metric"]["rank"] for s in predicted) == ["0", "1", "2", "3"]
+
+    # Every metric the shipped dashboards and alert rules query exists in this real scrape.
+    missing = dashboard_and_rule_metrics() - exposed_names(shardwise_operator.metrics())
+    assert not missing, f"dashboards / rules query metrics the operator does not export: {sorted(missing)}"
 
     kubectl("delete", "ptj", "slow", "-n", namespace, "--wait=true", "--timeout=60s")
 
