@@ -1,0 +1,101 @@
+"""The per-rank stats endpoint, scraped during a real run and parsed with prometheus_client.
+
+Also: the end-of-run JSON lines (model-state bytes, peak memory) and the test-only slow-rank
+switch (rank 1 slowed 4x shows a larger step time than rank 0).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from trainer_runner import RunCache, RunResult, free_port, parse_output, torchrun_cmd, trainer_env
+
+pytestmark = pytest.mark.trainer
+
+LABELS = {"namespace", "job", "pod", "node", "rank", "local_rank", "gpu", "stage"}
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return None
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
+    return out
+
+
+def test_stats_endpoint_during_run(trainer_runs: RunCache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = trainer_env(
+        {
+            "SHARDWISE_METRICS_PORT": str(port),
+            "SHARDWISE_JOB_NAME": "tiny",
+            "SHARDWISE_NAMESPACE": "ml",
+            "SHARDWISE_POD_NAME": "tiny-node-0",
+            "SHARDWISE_NODE_NAME": "kwok-0",
+            "SHARDWISE_TEST_SLOW_RANK": "1:4",
+        }
+    )
+    cmd = torchrun_cmd(2, trainer_runs.layout_path("dp2-zero2"), 12, "--stats-dir", str(tmp_path / "stats"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    scraped: dict[str, list[tuple[dict[str, str], float]]] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = _scrape(port)
+            if text:
+                samples = _samples(text)
+                steps = samples.get("shardwise_trainer_step", [])
+                if len(steps) == 2 and min(v for _, v in steps) >= 3:
+                    scraped = samples
+                    break
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert scraped, "never scraped both ranks during the run"
+
+    for name in (
+        "shardwise_trainer_step",
+        "shardwise_trainer_step_seconds",
+        "shardwise_trainer_wait_seconds",
+        "shardwise_trainer_tokens_per_second",
+        "shardwise_trainer_loss",
+        "shardwise_trainer_model_state_bytes",
+        "shardwise_trainer_last_update_timestamp_seconds",
+    ):
+        assert len(scraped[name]) == 2, name
+        for labels, _ in scraped[name]:
+            assert set(labels) == LABELS
+            assert labels["job"] == "tiny" and labels["namespace"] == "ml" and labels["pod"] == "tiny-node-0"
+            assert labels["node"] == "kwok-0" and labels["gpu"] == "cpu"
+    by_rank = {lab["rank"]: v for lab, v in scraped["shardwise_trainer_step_seconds"]}
+    assert by_rank["1"] > 1.5 * by_rank["0"], f"slowed rank 1 not slower: {by_rank}"
+    kinds = {(lab["rank"], lab["kind"]) for lab, _ in scraped["shardwise_trainer_memory_bytes"]}
+    for rank in ("0", "1"):
+        for kind in ("parameters", "gradients", "optimizer_states", "rss", "peak_rss"):
+            assert (rank, kind) in kinds
+    states = {lab["rank"]: v for lab, v in scraped["shardwise_trainer_model_state_bytes"]}
+    assert states["0"] > 0 and states["0"] == states["1"]  # DP ranks hold equal ZeRO shares
+
+    result = parse_output(out, RunResult())
+    assert [r["rank"] for r in result.ranks] == [0, 1]
+    for r in result.ranks:
+        assert (
+            r["model_state_bytes"]
+            == r["parameters_bytes"] + r["gradients_bytes"] + r["optimizer_states_bytes"]
+        )
+        assert r["peak_memory_bytes"] > r["model_state_bytes"]

@@ -1,0 +1,71 @@
+"""Restart: a run killed after a checkpoint resumes from it and continues the same loss curve.
+
+The first attempt (DP2, ZeRO-1; and PP2 for DeepSpeed's per-layer pipeline checkpoints) saves
+every 4 steps and is SIGKILLed (the whole torchrun process group, as a node loss would) once the
+step-4 checkpoint is written; rank 0 is slowed by the test-only switch so the kill lands before
+the run ends. The second attempt with the same arguments resumes from step 4 and must print
+steps 5..10 with the losses of an uninterrupted run (same tolerance as the equivalence tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_trainer_equivalence import TOLERANCE
+from trainer_runner import LAYOUTS, RUN_TIMEOUT, RunCache, nproc_of, run_trainer, torchrun_cmd, trainer_env
+
+pytestmark = pytest.mark.trainer
+
+STEPS = 10
+EVERY = 4
+
+
+def _kill_after_checkpoint(cmd: list[str], env: dict[str, str], step: int) -> list[int]:
+    """Start torchrun, SIGKILL its process group once the step-``step`` checkpoint is reported."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True
+    )
+    seen: list[int] = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                obj = json.loads(line)
+                if obj.get("event") == "step":
+                    seen.append(int(obj["step"]))
+                if obj.get("event") == "checkpoint" and int(obj["step"]) == step:
+                    break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["dp2-zero1", "pp2"])
+def test_killed_run_resumes_same_curve(trainer_runs: RunCache, tmp_path: Path, name: str) -> None:
+    reference = trainer_runs.run(name, STEPS).losses
+    layout = trainer_runs.layout_path(name)
+    nproc = nproc_of(LAYOUTS[name])
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY))
+    # Rank 0 sleeps 20x its step time after each step: the run cannot finish before the kill.
+    first = _kill_after_checkpoint(
+        torchrun_cmd(nproc, layout, STEPS, *args), trainer_env({"SHARDWISE_TEST_SLOW_RANK": "0:20"}), EVERY
+    )
+    assert first[-1] < STEPS, f"the first attempt was not killed before the end: steps {first}"
+    assert (ckpt / "latest").read_text().strip() == f"step{EVERY}"
+
+    resumed = run_trainer(layout, nproc=nproc, steps=STEPS, args=args)
+    assert resumed.done["resumed_from"] == EVERY
+    assert sorted(resumed.losses) == list(range(EVERY + 1, STEPS + 1))
+    diffs = {s: abs(loss - reference[s]) for s, loss in resumed.losses.items()}
+    assert max(diffs.values()) <= TOLERANCE, diffs

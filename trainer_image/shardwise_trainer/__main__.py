@@ -1,0 +1,101 @@
+"""Entry point: ``shardwise-train`` / ``python -m shardwise_trainer`` (under torchrun or alone).
+
+    torchrun --nproc-per-node 2 -m shardwise_trainer --layout layout.json --steps 10 --synthetic-data
+
+Options default to the layout contract's environment variables (``SHARDWISE_LAYOUT_FILE``,
+``SHARDWISE_CHECKPOINT_DIR``, ``SHARDWISE_METRICS_PORT``, …) so the operator's pods need no flags.
+Exit codes: 0 done, 2 bad layout / arguments (the message says which key), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shardwise_trainer import contract
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every default comes from the contract's env (see docs/layout-contract.md)."""
+    env = contract.env
+    p = argparse.ArgumentParser(prog="shardwise-train", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--layout", default=env(contract.ENV_LAYOUT_FILE), help="layout.json (env SHARDWISE_LAYOUT_FILE)"
+    )
+    p.add_argument(
+        "--ds-config",
+        default=env(contract.ENV_DS_CONFIG_FILE),
+        help="ds_config.json (env SHARDWISE_DS_CONFIG_FILE); default: layout['deepspeed']",
+    )
+    p.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run (default 100)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--synthetic-data", action="store_true", help="deterministic synthetic token stream")
+    data.add_argument("--data", help="raw token file (uint16 or int32 little-endian ids, no header)")
+    p.add_argument("--token-dtype", choices=("uint16", "int32"), default="uint16")
+    p.add_argument("--seed", type=int, default=1234, help="model init and synthetic data seed")
+    p.add_argument("--lr", type=float, default=None, help="override the DeepSpeed config's learning rate")
+    p.add_argument("--checkpoint-dir", default=env(contract.ENV_CHECKPOINT_DIR) or "")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="env SHARDWISE_CHECKPOINT_EVERY")
+    p.add_argument("--metrics-port", type=int, default=None, help="env SHARDWISE_METRICS_PORT (0 = off)")
+    p.add_argument(
+        "--metrics-host",
+        default=os.environ.get(contract.ENV_POD_IP) or "0.0.0.0",
+        help="address the stats endpoint binds (env SHARDWISE_POD_IP, default all addresses)",
+    )
+    p.add_argument("--stats-dir", default=None, help="per-pod dir where local ranks drop their stats")
+    p.add_argument(
+        "--linger-seconds", type=float, default=0.0, help="keep serving stats this long at the end"
+    )
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the layout, return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.synthetic_data and not args.data:
+        print("shardwise-train: give --synthetic-data or --data FILE", file=sys.stderr)
+        return 2
+    try:
+        from shardwise_trainer.train import RunOptions, run  # noqa: PLC0415 - torch loads lazily
+
+        return run(
+            RunOptions(
+                layout_file=args.layout,
+                ds_config_file=args.ds_config,
+                steps=args.steps,
+                synthetic=args.synthetic_data,
+                data_file=args.data,
+                token_dtype=args.token_dtype,
+                seed=args.seed,
+                checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=(
+                    args.checkpoint_every
+                    if args.checkpoint_every is not None
+                    else contract.env_int(contract.ENV_CHECKPOINT_EVERY)
+                ),
+                metrics_port=(
+                    args.metrics_port
+                    if args.metrics_port is not None
+                    else contract.env_int(contract.ENV_METRICS_PORT)
+                ),
+                metrics_host=args.metrics_host,
+                stats_dir=args.stats_dir,
+                linger_seconds=args.linger_seconds,
+                lr=args.lr,
+            )
+        )
+    except contract.ContractError as exc:
+        print(f"shardwise-train: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""The training run: layout -> process groups -> model -> DeepSpeed engine -> steps, stats, checkpoints.
+
+Output on stdout (rank 0 only, one JSON object per line, each with an ``event`` key; anything
+else on stdout is library chatter):
+
+* ``{"event": "step", "step": 3, "loss": 4.1, "tokens_per_s": 812.5, "step_seconds": 0.31}``
+  after every optimizer step (``tokens_per_s``: the global batch's tokens / the step's time);
+* ``{"event": "rank", "rank": 1, "model_state_bytes": ..., "peak_memory_bytes": ..., ...}``
+  once per rank at the end (gathered to rank 0);
+* ``{"event": "done", "steps": 10, "resumed_from": 0}``.
+
+``--steps K`` is the total number of optimizer steps of the run: a resumed attempt continues from
+the checkpoint's step up to K.
+"""
+
+# Lazy imports on purpose: DeepSpeed reads DS_ACCELERATOR when imported, and layout errors
+# must be reported before torch (seconds to import) is loaded.
+# ruff: noqa: PLC0415
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardwise_trainer import contract
+from shardwise_trainer.contract import Layout
+
+log = logging.getLogger("shardwise_trainer")
+
+
+@dataclass
+class RunOptions:
+    """Everything the run needs besides the layout (from the command line and the env)."""
+
+    layout_file: str
+    ds_config_file: str | None
+    steps: int
+    synthetic: bool
+    data_file: str | None
+    token_dtype: str
+    seed: int
+    checkpoint_dir: str
+    checkpoint_every: int
+    metrics_port: int
+    metrics_host: str
+    stats_dir: str | None
+    linger_seconds: float
+    lr: float | None = None
+
+
+def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
+    """``"<rank>:<factor>"`` -> (rank, factor); None when unset (the default)."""
+    if not value:
+        return None
+    try:
+        rank, factor = value.split(":")
+        return int(rank), float(factor)
+    except ValueError as exc:
+        raise contract.ContractError(
+            f"{contract.ENV_TEST_SLOW_RANK}={value!r}: expected <rank>:<factor>, e.g. 1:2.0"
+        ) from exc
+
+
+def _single_process_env() -> None:
+    """Allow ``python -m shardwise_trainer`` without torchrun (one process, world size 1)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def run(opts: RunOptions) -> int:
+    """Train the layout; returns the process exit code."""
+    layout = contract.load_layout(opts.layout_file)
+    ds_config = contract.load_ds_config(layout, opts.ds_config_file)
+    _single_process_env()
+
+    import torch  # heavy imports after argument / layout errors are reported
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:  # DeepSpeed picks its accelerator at import time
+        os.environ.setdefault(contract.ENV_DS_ACCELERATOR, "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    from shardwise_trainer import dsconfig, metrics, stats
+    from shardwise_trainer.data import TokenSource
+    from shardwise_trainer.model import (
+        SequentialLM,
+        TPContext,
+        count_parameters,
+        mark_for_grad_norm,
+        pipeline_module,
+    )
+    from shardwise_trainer.topology import Mpu, build_topology
+
+    logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    backend = "gloo" if on_cpu else "nccl"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not on_cpu:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    topo = build_topology(layout.tp, layout.pp, layout.dp)
+    rank = topo.rank
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    # Same seed on the ranks of a TP group (dropout masks of replicated activations agree).
+    torch.manual_seed(opts.seed + 7919 * topo.dp_rank + 104729 * topo.pp_rank)
+
+    adapted = dsconfig.adapt(ds_config, layout, on_cpu=on_cpu, lr=opts.lr)
+    if rank == 0:
+        for change in adapted.changes:
+            log.warning("DeepSpeed config adapted: %s", change)
+    if rank == 0 and bool((layout.raw.get(contract.K_LAYOUT) or {}).get(contract.K_SEQUENCE_PARALLEL)):
+        log.warning(
+            "layout.sequence_parallel is set: this trainer runs tensor parallelism without sequence "
+            "parallelism (norm / dropout activations replicated on the TP group; model states unchanged)"
+        )
+    arch = layout.architecture
+    declared = int((layout.raw.get(contract.K_MODEL) or {}).get(contract.K_MODEL_PARAMETERS) or 0)
+    built = count_parameters(arch) + arch.extra_parameters
+    if rank == 0 and declared and abs(built - declared) > 0.01 * declared:
+        log.warning("layout declares %d parameters, the trainer's model has %d", declared, built)
+
+    tp_ctx = TPContext(size=topo.tp, rank=topo.tp_rank, group=topo.tp_group if topo.tp > 1 else None)
+    if layout.pp > 1:
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        ds_topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+        model = pipeline_module(
+            arch,
+            tp_ctx,
+            seed=opts.seed,
+            checkpointing=layout.checkpointing,
+            stage_layers=layout.stage_layers,
+            topology=ds_topo,
+        )
+        mpu = None
+    else:
+        model = SequentialLM(arch, tp_ctx, opts.seed, layout.checkpointing)
+        mpu = Mpu(topo)
+    mark_for_grad_norm(model, tp_rank=topo.tp_rank, pipeline_stage=topo.pp_rank if layout.pp > 1 else None)
+    engine, _optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=adapted.config,
+        mpu=mpu,
+    )
+    meter = stats.StateMeter(engine)
+    dev = stats.device_for(local_rank)
+
+    start_step = 0
+    if opts.checkpoint_dir and (Path(opts.checkpoint_dir) / "latest").exists():
+        path, client = engine.load_checkpoint(opts.checkpoint_dir)
+        if path is not None:
+            start_step = int((client or {}).get("step", 0))
+            if rank == 0:
+                log.warning("resumed from %s at step %d", path, start_step)
+
+    source = TokenSource(
+        vocab_size=arch.vocab_size,
+        sequence_length=layout.sequence_length,
+        seed=opts.seed,
+        path=None if opts.synthetic else opts.data_file,
+        token_dtype=opts.token_dtype,
+    )
+    env = os.environ
+    node_rank = contract.env_int(contract.ENV_NODE_RANK)
+    labels = {
+        "namespace": contract.env(contract.ENV_NAMESPACE) or "",
+        "job": contract.env(contract.ENV_JOB_NAME) or "",
+        "pod": contract.env(contract.ENV_POD_NAME) or socket.gethostname(),
+        "node": contract.env(contract.ENV_NODE_NAME) or socket.gethostname(),
+        "rank": str(rank),
+        "local_rank": str(local_rank),
+        "gpu": dev.name,
+        "stage": str(topo.pp_rank),
+    }
+    stats_dir = (
+        Path(opts.stats_dir)
+        if opts.stats_dir
+        else metrics.default_stats_dir(
+            labels["pod"], int(env.get("GROUP_RANK", node_rank)), env.get("TORCHELASTIC_RUN_ID", "none")
+        )
+    )
+    server = None
+    if local_rank == 0 and opts.metrics_port:
+        try:
+            server = metrics.MetricsServer(opts.metrics_host, opts.metrics_port, stats_dir)
+            log.warning("serving per-rank stats on %s:%d/metrics", opts.metrics_host, server.port)
+        except OSError as exc:  # training matters more than its stats: say so loudly, go on
+            log.error(
+                "cannot serve stats on %s:%d (%s); training continues without the endpoint "
+                "(several pods on one host? set %s)",
+                opts.metrics_host,
+                opts.metrics_port,
+                exc,
+                contract.ENV_POD_IP,
+            )
+    predicted = layout.predicted_model_state_bytes(topo.pp_rank)
+    slow = parse_slow_rank(env.get(contract.ENV_TEST_SLOW_RANK))
+    slow_factor = slow[1] if slow and slow[0] == rank else 1.0
+
+    global_tokens = layout.global_batch_size * layout.sequence_length
+    replica_tokens = layout.micro_batch * layout.grad_accum * layout.sequence_length
+    loss_value = float("nan")
+    # What the trainer adds to a plain DeepSpeed loop, timed: model-state sampling, the loss
+    # all-reduce, the end-of-step barrier, the stats file and the JSON line.
+    bookkeeping = 0.0
+    loop_start = time.perf_counter()
+    for step in range(start_step, opts.steps):
+        t0 = time.perf_counter()
+        batches = source.step_iter(
+            step=step,
+            grad_accum=layout.grad_accum,
+            dp_rank=topo.dp_rank,
+            dp=layout.dp,
+            micro_batch=layout.micro_batch,
+            global_batch=layout.global_batch_size,
+            device=device,
+        )
+        if layout.pp > 1:
+            loss_t = engine.train_batch(data_iter=batches).detach().float()
+        else:
+            total = torch.zeros((), device=device)
+            for ids, lab in batches:
+                loss = engine(ids, lab)
+                engine.backward(loss)
+                meter.sample()
+                engine.step()
+                total += loss.detach().float()
+            loss_t = total / layout.grad_accum
+            if layout.dp > 1:
+                t_reduce = time.perf_counter()
+                dist.all_reduce(loss_t, group=topo.dp_group)
+                loss_t /= layout.dp
+                bookkeeping += time.perf_counter() - t_reduce
+        loss_value = float(loss_t)
+        if slow_factor > 1.0:  # test-only straggler: stretch this rank's step
+            time.sleep((slow_factor - 1.0) * (time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        dist.barrier()
+        wait = time.perf_counter() - t1
+        step_seconds = t1 - t0
+        done = step + 1
+        t_stats = time.perf_counter()
+        mem = dict(dev.memory())
+        peak = meter.peak
+        mem.update(
+            parameters=peak.parameters, gradients=peak.gradients, optimizer_states=peak.optimizer_states
+        )
+        metrics.write_rank_stats(
+            stats_dir,
+            rank,
+            {
+                "labels": labels,
+                "step": done,
+                "step_seconds": step_seconds,
+                "wait_seconds": wait,
+                "tokens_per_second": replica_tokens / step_seconds,
+                "loss": loss_value,
+                "memory_bytes": mem,
+                "model_state_bytes": peak.total,
+                "predicted_model_state_bytes": predicted,
+                "last_update_timestamp_seconds": time.time(),
+            },
+        )
+        if rank == 0:
+            _emit(
+                {
+                    "event": "step",
+                    "step": done,
+                    "loss": loss_value,
+                    "tokens_per_s": global_tokens / (step_seconds + wait),
+                    "step_seconds": step_seconds + wait,
+                    "time": time.time(),
+                }
+            )
+        bookkeeping += wait + time.perf_counter() - t_stats
+        if opts.checkpoint_dir and opts.checkpoint_every and done % opts.checkpoint_every == 0:
+            engine.save_checkpoint(opts.checkpoint_dir, tag=f"step{done}", client_state={"step": done})
+            if rank == 0:
+                _emit({"event": "checkpoint", "step": done, "dir": opts.checkpoint_dir})
+    final_saved = opts.checkpoint_every and opts.steps % opts.checkpoint_every == 0
+    if opts.checkpoint_dir and opts.steps > start_step and not final_saved:
+        engine.save_checkpoint(
+            opts.checkpoint_dir, tag=f"step{opts.steps}", client_state={"step": opts.steps}
+        )
+
+    loop_seconds = time.perf_counter() - loop_start
+    peak = meter.peak
+    summary = {
+        "event": "rank",
+        "rank": rank,
+        "stage": topo.pp_rank,
+        "tp_rank": topo.tp_rank,
+        "dp_rank": topo.dp_rank,
+        "model_state_bytes": peak.total,
+        "parameters_bytes": peak.parameters,
+        "gradients_bytes": peak.gradients,
+        "optimizer_states_bytes": peak.optimizer_states,
+        "predicted_model_state_bytes": predicted,
+        "peak_memory_bytes": dev.peak_bytes(),
+    }
+    gathered: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(gathered, summary)
+    if rank == 0:
+        for item in gathered:
+            _emit(item)
+        _emit(
+            {
+                "event": "done",
+                "steps": opts.steps,
+                "resumed_from": start_step,
+                "loss": loss_value,
+                "loop_seconds": loop_seconds,
+                "bookkeeping_seconds": bookkeeping + meter.seconds,
+            }
+        )
+    if server is not None:
+        if opts.linger_seconds > 0:
+            time.sleep(opts.linger_seconds)
+        server.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def layout_summary(layout: Layout) -> str:
+    """One line naming the layout (for logs)."""
+    return (
+        f"tp={layout.tp} pp={layout.pp} dp={layout.dp} zero={layout.zero_stage} "
+        f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} "
+        f"checkpointing={layout.checkpointing}"
+    )
