@@ -78,6 +78,7 @@ OPERATOR_ENV: Final = (
     ENV_METRICS_PORT,
     ENV_CHECKPOINT_DIR,
     ENV_CHECKPOINT_EVERY,
+    "SHARDWISE_POD_IP",  # ENV_POD_IP, defined below with its note
 )
 
 #: Defaults the trainer applies when a variable is unset (``None`` = no default: optional).
@@ -93,6 +94,7 @@ ENV_DEFAULTS: Final[Mapping[str, str | None]] = {
     ENV_METRICS_PORT: "0",
     ENV_CHECKPOINT_DIR: "",
     ENV_CHECKPOINT_EVERY: "0",
+    "SHARDWISE_POD_IP": "",
 }
 
 #: Set by torchrun, never by the user (the CRD rejects them in the pod template).
@@ -102,14 +104,21 @@ TORCHRUN_ENV: Final = (
     "WORLD_SIZE",
     "LOCAL_WORLD_SIZE",
     "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
     "MASTER_ADDR",
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
 )
 
-#: Optional (not set by the operator today): the pod IP (downward API ``status.podIP``). When set,
-#: the stats endpoint binds to it instead of all addresses — needed when several pods share one
-#: host, as with the local node runner's 127.0.0.x pods.
+#: The pod IP (downward API ``status.podIP``): torchrun advertises it (``--local-addr``) and the
+#: stats endpoint binds to it instead of all addresses — needed when several pods share one host,
+#: as with the local node runner's 127.0.0.x pods.
 ENV_POD_IP: Final = "SHARDWISE_POD_IP"
 
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
