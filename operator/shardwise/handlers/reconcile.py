@@ -178,6 +178,11 @@ class _Pass:
             now=self.now, generation=self.generation,
         )  # fmt: skip
 
+    def wake(self, seconds: float) -> None:
+        """Ask for a pass no later than that (at least a second from now)."""
+        due = max(1.0, seconds)
+        self.wake_after = due if self.wake_after is None else min(self.wake_after, due)
+
     def finish_failed(self, reason: str, message: str) -> None:
         self.condition(RUNNING, False, reason, message)
         self.condition(FAILED, True, reason, message)
@@ -212,6 +217,12 @@ class _Pass:
             await self.commit()
             await self._delete_live(pods)
             return None
+
+        deadline = int(self.policy.get("activeDeadlineSeconds") or 0)
+        if deadline and self.status.get("startTime"):
+            # Look again exactly when the deadline falls, not at the next routine requeue.
+            elapsed = lifecycle.seconds_between(self.status["startTime"], self.now)
+            self.wake(deadline - elapsed)
 
         attempt = int(self.status.get("attempt") or 0)
         stale = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) != str(attempt)]
@@ -416,7 +427,7 @@ class _Pass:
         waited = lifecycle.seconds_between(summary.first_created, self.now)
         if waited < timeout:
             # Not decided yet: the pass goes on, but must look again when the timeout is due.
-            self.wake_after = max(1.0, timeout - waited)
+            self.wake(timeout - waited)
             return None
         failures = int(self.status.get("scheduleFailures") or 0) + 1
         delay = lifecycle.backoff_seconds(failures, self.r.restart_backoff_seconds)
