@@ -56,7 +56,10 @@ class Kubectl:
         self("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
 
     def job(self, namespace: str, name: str) -> dict[str, Any]:
-        return dict(self.json("get", "ptj", name, "-n", namespace))
+        """The job; `status` is {} until the operator first writes it, so probes can read it."""
+        job = dict(self.json("get", "ptj", name, "-n", namespace))
+        job.setdefault("status", {})
+        return job
 
     def pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         items = self.json("get", "pods", "-n", namespace, "-l", f"shardwise.dev/job-name={name}")["items"]

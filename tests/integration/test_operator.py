@@ -62,7 +62,7 @@ def test_job_is_planned_and_its_children_follow_the_plan(
     pods = wait_for(
         "two trainer pods", lambda: (p := job_pods(kubectl, namespace, "llama")) and len(p) == 2 and p
     )
-    job = kubectl.json("get", "ptj", "llama", "-n", namespace)
+    job = kubectl.job(namespace, "llama")
     layout = job["status"]["layout"]
     planned = condition(job, "Planned")
     assert planned is not None
@@ -118,20 +118,14 @@ def test_job_is_planned_and_its_children_follow_the_plan(
     assert len({p["spec"]["nodeName"] for p in pods}) == 2
     wait_for(
         "job Running",
-        lambda: (
-            (c := condition(kubectl.json("get", "ptj", "llama", "-n", namespace), "Running"))
-            and c["status"] == "True"
-        ),
+        lambda: (c := condition(kubectl.job(namespace, "llama"), "Running")) and c["status"] == "True",
     )
 
     for pod in pods:
         kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "kwok.shardwise.dev/exit-code=0")
     job = wait_for(
         "job Succeeded",
-        lambda: (
-            (j := kubectl.json("get", "ptj", "llama", "-n", namespace))["status"].get("phase") == "Succeeded"
-            and j
-        ),
+        lambda: (j := kubectl.job(namespace, "llama"))["status"].get("phase") == "Succeeded" and j,
     )
     succeeded = condition(job, "Succeeded")
     assert succeeded is not None
@@ -142,9 +136,9 @@ def test_job_is_planned_and_its_children_follow_the_plan(
     assert {"LayoutPlanned", "PodsCreated", "AllPodsRunning", "AllPodsSucceeded"} <= reasons
 
     # Nothing left to do: the operator stops writing (no hot loop on a finished job).
-    version = kubectl.json("get", "ptj", "llama", "-n", namespace)["metadata"]["resourceVersion"]
+    version = kubectl.job(namespace, "llama")["metadata"]["resourceVersion"]
     time.sleep(3)
-    assert kubectl.json("get", "ptj", "llama", "-n", namespace)["metadata"]["resourceVersion"] == version
+    assert kubectl.job(namespace, "llama")["metadata"]["resourceVersion"] == version
 
 
 def test_a_failed_pod_fails_the_job_with_the_pod_and_exit_code(
@@ -158,10 +152,7 @@ def test_a_failed_pod_fails_the_job_with_the_pod_and_exit_code(
     kubectl("annotate", "pod", "crash-node-0", "-n", namespace, "kwok.shardwise.dev/exit-code=3")
     job = wait_for(
         "job Failed",
-        lambda: (
-            (j := kubectl.json("get", "ptj", "crash", "-n", namespace))["status"].get("phase") == "Failed"
-            and j
-        ),
+        lambda: (j := kubectl.job(namespace, "crash"))["status"].get("phase") == "Failed" and j,
     )
     failed = condition(job, "Failed")
     assert failed is not None
@@ -206,7 +197,7 @@ def test_a_job_that_cannot_fit_gets_a_condition_and_an_event_and_no_pods(
     job = wait_for(
         "Planned=False",
         lambda: (
-            (j := kubectl.json("get", "ptj", "huge", "-n", namespace))
+            (j := kubectl.job(namespace, "huge"))
             and (c := condition(j, "Planned"))
             and c["status"] == "False"
             and j
@@ -226,7 +217,7 @@ def test_a_job_that_cannot_fit_gets_a_condition_and_an_event_and_no_pods(
     # Not hot-looped: nothing is rewritten while nothing changes.
     version = job["metadata"]["resourceVersion"]
     time.sleep(3)
-    assert kubectl.json("get", "ptj", "huge", "-n", namespace)["metadata"]["resourceVersion"] == version
+    assert kubectl.job(namespace, "huge")["metadata"]["resourceVersion"] == version
     assert len([e for e in events_for(kubectl, namespace, "huge") if e["type"] == "Warning"]) == 1
 
 
@@ -244,7 +235,7 @@ def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
     job = wait_for(
         "Planned=False",
         lambda: (
-            (j := kubectl.json("get", "ptj", "waits", "-n", namespace))
+            (j := kubectl.job(namespace, "waits"))
             and (c := condition(j, "Planned"))
             and c["status"] == "False"
             and j
@@ -256,7 +247,7 @@ def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
 
     cluster.add_gpu_nodes(1, gpus_per_node=8, gpu_product=product, gpu_memory_mib=81920)
     pods = wait_for("the job's pod", lambda: job_pods(kubectl, namespace, "waits"), timeout=90)
-    job = kubectl.json("get", "ptj", "waits", "-n", namespace)
+    job = kubectl.job(namespace, "waits")
     planned = condition(job, "Planned")
     assert planned is not None
     assert planned["status"] == "True"
