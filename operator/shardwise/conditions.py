@@ -44,6 +44,8 @@ def set_condition(
     }
     if generation is not None:
         updated["observedGeneration"] = generation
-    result = [c for c in conditions if c.get("type") != ctype]
-    result.append(updated)
-    return result
+    # Replaced in place, new ones appended: order never changes, so an unchanged condition never
+    # turns into a status write (meta.SetStatusCondition does the same).
+    if previous is None:
+        return [*conditions, updated]
+    return [updated if c.get("type") == ctype else c for c in conditions]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -44,6 +45,9 @@ _ARCH_FIELDS = {
 }
 _ARCH_BOOLS = {"tiedEmbeddings", "dropout", "qkvBias"}
 _ARCH_STRINGS = {"mlp", "norm", "positionEmbedding"}
+
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 class SpecError(PlanInputError):
@@ -132,7 +136,7 @@ def model_from_spec(model: Mapping[str, Any]) -> ModelSpec:
             minimum = 0 if key in ("kvHeads", "ffnHiddenSize", "extraParameters") else 1
             kwargs[_ARCH_FIELDS[key]] = _int(arch, key, path, minimum=minimum)
     for required in ("layers", "hiddenSize", "heads", "vocabSize"):
-        if required not in arch:
+        if arch.get(required) is None:
             raise SpecError(f"{path}.{required}: required")
     try:
         return ModelSpec(name="custom", architecture=Architecture(**kwargs))
@@ -174,6 +178,17 @@ def _training(training: Mapping[str, Any]) -> tuple[TrainingSettings, dict[str, 
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr <= 1:
             raise SpecError(f"{path}.learningRate: expected a number in (0, 1], got {lr!r}")
         kwargs["learning_rate"] = float(lr)
+    method_name = kwargs.get("method", "full")
+    for field_name, methods in (
+        ("loraRank", ("lora", "qlora")),
+        ("loraTargets", ("lora", "qlora")),
+        ("trainableFraction", ("freeze",)),
+    ):
+        if training.get(field_name) is not None and method_name not in methods:
+            # The same rule as the CRD's, so the CLI and the API server agree on what is valid.
+            raise SpecError(
+                f"{path}.{field_name}: applies to method {' / '.join(methods)} only, not {method_name}"
+            )
     pins: dict[str, Any] = {}
     micro = _int(training, "microBatchSize", path, minimum=0)
     if micro:
@@ -187,6 +202,13 @@ def _training(training: Mapping[str, Any]) -> tuple[TrainingSettings, dict[str, 
     offload = _choice(training, "offload", path, ("auto", "none", "optimizer", "all"))
     if offload and offload != "auto":
         pins["offload"] = offload
+    if method_name == "inference":
+        if pins.get("checkpointing") not in (None, "none"):
+            raise SpecError(
+                f"{path}.activationCheckpointing: inference keeps no activations; use auto or none"
+            )
+        if pins.get("offload") == "optimizer":
+            raise SpecError(f"{path}.offload: inference has no optimizer to offload")
     return TrainingSettings(**kwargs), pins
 
 
@@ -201,6 +223,20 @@ def _cluster(
     total = _int(resources, "gpus", path)
     spec_nodes = _int(resources, "nodes", path)
     spec_gpn = _int(resources, "gpusPerNode", path)
+    # The CRD's bounds: pod names `<job>-node-<i>` keep at most 4 digits, and one node has at most
+    # 64 devices of a kind.
+    for key, value, limit in (
+        ("gpus", total, 65536),
+        ("nodes", spec_nodes, 10000),
+        ("gpusPerNode", spec_gpn, 64),
+    ):
+        if value is not None and value > limit:
+            raise SpecError(f"{path}.{key}: at most {limit}, got {value}")
+    product = resources.get("gpuProduct")
+    if product is not None and (
+        not isinstance(product, str) or len(product) > 63 or not _LABEL_VALUE.match(product)
+    ):
+        raise SpecError(f"{path}.gpuProduct: expected a node label value (the GFD product), got {product!r}")
     if nodes is None and gpus_per_node is None:
         if (
             total is not None
@@ -289,6 +325,19 @@ def request_from_spec(
     if model is None:
         model = model_from_spec(_mapping(spec.get("model"), "spec.model"))
     training, pin_kwargs = _training(_mapping(spec.get("training"), "spec.training"))
+    arch = model.architecture
+    explicit = isinstance(spec.get("model"), Mapping) and spec["model"].get("architecture") is not None
+    if (
+        explicit
+        and arch is not None
+        and arch.position_embedding == "learned"
+        and training.sequence_length > arch.max_sequence_length
+    ):
+        # The CRD's rule for an explicit architecture (a preset's table is the planner's to judge).
+        raise SpecError(
+            f"spec.training.sequenceLength: {training.sequence_length} exceeds the learned position"
+            f" table of {arch.max_sequence_length} (spec.model.architecture.maxSequenceLength)"
+        )
     parallelism = _mapping(spec.get("parallelism"), "spec.parallelism")
     path = "spec.parallelism"
     tensor = _int(parallelism, "tensor", path)

@@ -87,6 +87,12 @@ def plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = N
         return PlanOutcome(False, "InvalidSpec", str(exc))
     except PlanInputError as exc:
         return PlanOutcome(False, "InvalidSpec", str(exc))
+    except Exception as exc:  # a planner bug must reach the user as a condition, not loop silently
+        return PlanOutcome(
+            False,
+            "PlannerError",
+            f"the planner failed on this spec ({type(exc).__name__}: {exc}); please report it",
+        )
     if not result.feasible or result.choice is None:
         return _infeasible(result)
     document = layout_document_for(result)

@@ -176,3 +176,32 @@ def test_learning_rate_reaches_the_deepspeed_config() -> None:
 def test_bad_learning_rate_is_named(bad: Any) -> None:
     with pytest.raises(SpecError, match="learningRate"):
         request_from_spec(_spec(training={"learningRate": bad}))
+
+
+def test_a_pinned_pipeline_with_unpinned_tensor_plans_without_dividing_by_zero() -> None:
+    spec = _spec(parallelism={"pipeline": 2}, resources={"gpus": 2, "gpuProduct": "NVIDIA-A100-SXM4-80GB"})
+    result = plan(request_from_spec(spec))
+    assert result.choice is not None
+    assert (result.choice.layout.tp, result.choice.layout.pp) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("training", "fragment"),
+    [
+        ({"method": "full", "loraRank": 8}, "loraRank"),
+        ({"method": "full", "loraTargets": ["q"]}, "loraTargets"),
+        ({"method": "lora", "trainableFraction": 0.5}, "trainableFraction"),
+        ({"method": "inference", "activationCheckpointing": "full"}, "activationCheckpointing"),
+        ({"method": "inference", "offload": "optimizer"}, "offload"),
+    ],
+)
+def test_method_specific_fields_follow_the_crd_rules(training: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment):
+        request_from_spec(_spec(training=training))
+
+
+def test_a_null_required_architecture_field_is_named() -> None:
+    with pytest.raises(SpecError, match="hiddenSize"):
+        request_from_spec(
+            _spec(model={"architecture": {"layers": 2, "hiddenSize": None, "heads": 2, "vocabSize": 100}})
+        )

@@ -146,3 +146,10 @@ def test_events_on_changes_only() -> None:
     assert infeasible["phase"] == "Pending"
     starting = with_pods(planned, summarize([], expected=1, attempt=0), now=T0, generation=1)
     assert changed_events(planned, starting) == []  # Running=False appearing is not news
+
+
+def test_setting_a_condition_keeps_the_order() -> None:
+    conds = set_condition([], "Planned", True, "LayoutPlanned", "a", now=T0)
+    conds = set_condition(conds, "Running", True, "AllPodsRunning", "b", now=T0)
+    conds = set_condition(conds, "Planned", True, "LayoutPlanned", "a", now=T1)
+    assert [c["type"] for c in conds] == ["Planned", "Running"]

@@ -211,6 +211,10 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                 rejections.add(REASON_PP_LAYERS, too_deep)
         sps = [pins.sequence_parallel] if pins.sequence_parallel is not None else [tp > 1]
         for pp in _pp_candidates(request, tp):
+            if gpus % (tp * pp):
+                # A pinned PP with a TP that leaves no whole data-parallel replica.
+                rejections.add(REASON_PP_GPUS)
+                continue
             dp = gpus // (tp * pp)
             if global_batch % dp:
                 rejections.add(REASON_BATCH)
