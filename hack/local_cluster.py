@@ -782,6 +782,8 @@ def wait_nodes_ready(layout: Layout, names: list[str], timeout: float) -> None:
     wanted = set(names)
     while True:
         out = kubectl(layout, "get", "nodes", "-o", "json")
+        # Ready is not enough: until the node lifecycle controller lifts the
+        # node.kubernetes.io/not-ready taint it adds at registration, nothing schedules there.
         ready = {
             item["metadata"]["name"]
             for item in json.loads(out)["items"]
@@ -789,12 +791,16 @@ def wait_nodes_ready(layout: Layout, names: list[str], timeout: float) -> None:
                 c.get("type") == "Ready" and c.get("status") == "True"
                 for c in item.get("status", {}).get("conditions", [])
             )
+            and not any(
+                t.get("key", "").startswith("node.kubernetes.io/")
+                for t in item.get("spec", {}).get("taints") or []
+            )
         }
         if wanted <= ready:
             return
         if time.monotonic() > deadline:
             raise ClusterError(
-                f"nodes not Ready after {timeout:.0f}s: {sorted(wanted - ready)[:10]}; "
+                f"nodes not Ready and schedulable after {timeout:.0f}s: {sorted(wanted - ready)[:10]}; "
                 f"see {layout.logs / 'kwok.log'}"
             )
         time.sleep(0.5)

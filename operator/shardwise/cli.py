@@ -355,7 +355,7 @@ def add_operator_command(subparsers: Any) -> None:
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)"
     )
-    p.add_argument("--workers", type=_positive_int, default=8, help="concurrent reconcile workers")
+    p.add_argument("--workers", type=_positive_int, default=16, help="concurrent reconcile workers")
     p.add_argument(
         "--restart-backoff-seconds",
         type=float,

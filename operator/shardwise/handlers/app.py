@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    return copy.deepcopy(dict(body))
+    # A shallow copy is enough: each watch event carries a freshly decoded body that nobody
+    # mutates, and the reconcile copies what it changes.
+    return dict(body)
 
 
 def _store_values(index: Any, key: Any) -> list[dict[str, Any]]:
@@ -162,12 +164,12 @@ async def _cleanup(**_: Any) -> None:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def shardwise_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def shardwise_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): _plain(body)}
 
 
 @kopf.index("", "v1", "nodes")
-def shardwise_nodes(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def shardwise_nodes(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {name: _plain(body)}
 
 
@@ -176,7 +178,7 @@ def _is_bound_and_live(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.index("", "v1", "pods", when=_is_bound_and_live)
-def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     # Only what the inventory needs: who holds which GPUs on which node.
     return {
         None: {
@@ -202,14 +204,14 @@ def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def shardwise_job_pods(
+async def shardwise_job_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
     return {(namespace, labels[LABEL_JOB]): _plain(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
+async def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
     _remember_indexes(kwargs)
     key = (namespace or "", name)
     if event.get("type") == "DELETED":
@@ -219,13 +221,13 @@ def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs:
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def _job_pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+async def _job_pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     _remember_indexes(kwargs)
     CONTROLLER.queue.add((namespace or "", labels[LABEL_JOB]))
 
 
 @kopf.on.event("", "v1", "nodes")
-def _node_event(event: kopf.RawEvent, name: str, body: kopf.Body, **kwargs: Any) -> None:
+async def _node_event(event: kopf.RawEvent, name: str, body: kopf.Body, **kwargs: Any) -> None:
     _remember_indexes(kwargs)
     status = body.get("status") or {}
     ready = [c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"]

@@ -119,9 +119,8 @@ class Reconciler:
         job = self._latest(key)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return None
-        job = copy.deepcopy(job)
-        job.setdefault("apiVersion", API_VERSION)
-        job.setdefault("kind", KIND)
+        # Read-only below but for status, which the pass deep-copies itself.
+        job = {"apiVersion": API_VERSION, "kind": KIND, **job}
         pass_ = _Pass(self, job)
         requeue = await pass_.run()
         await pass_.commit()

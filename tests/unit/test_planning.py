@@ -1,0 +1,74 @@
+"""Unit tests of the operator's planning glue: spec + node shape -> layout document or a reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shardwise.inventory import Shape
+from shardwise.planning import plan_job
+
+H100 = Shape(2, 8, "NVIDIA-H100-80GB-HBM3", 81559 << 20, 1056 << 30, ("a", "b"))
+ONE_H100_NODE = Shape(1, 8, "NVIDIA-H100-80GB-HBM3", 81559 << 20, 1056 << 30, ("a",))
+
+
+def spec(**sections: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"preset": "llama-2-7b"},
+        "training": {"method": "full", "precision": "bf16", "sequenceLength": 4096, "globalBatchSize": 16},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+    }
+    base.update(sections)
+    return base
+
+
+def test_a_feasible_plan_gives_the_document_and_the_status_layout() -> None:
+    outcome = plan_job(spec(), H100)
+    assert outcome.feasible and outcome.reason == "LayoutPlanned"
+    assert outcome.document is not None and outcome.layout_status is not None
+    assert outcome.layout_status["gpus"] == 16
+    assert outcome.layout_status["summary"].startswith("TP")
+    assert outcome.document["deepspeed"]["train_batch_size"] == 16
+
+
+def test_pins_from_a_status_layout_reproduce_the_plan() -> None:
+    first = plan_job(spec(), H100)
+    again = plan_job(spec(), H100, pins=first.layout_status)
+    assert again.layout_status == first.layout_status
+    assert again.document == first.document
+
+
+def test_identical_requests_share_one_plan_but_never_one_object() -> None:
+    one, two = (
+        plan_job(spec(), H100),
+        plan_job(
+            spec(), Shape(2, 8, H100.product, H100.gpu_memory_bytes, H100.host_memory_bytes, ("c", "d"))
+        ),
+    )
+    assert one.document == two.document
+    assert one.document is not two.document
+    assert one.layout_status is not two.layout_status
+
+
+@pytest.mark.parametrize(
+    ("sections", "shape", "reason"),
+    [
+        (
+            {
+                "model": {"preset": "qwen2-72b"},
+                "training": {"method": "full", "offload": "none"},
+                "resources": {"nodes": 1, "gpusPerNode": 8},
+            },
+            ONE_H100_NODE,
+            "InsufficientGpuMemory",
+        ),
+        ({"model": {"preset": "no-such-model"}}, H100, "InvalidSpec"),
+        ({}, Shape(1, 8, "unknown", None, None), "UnknownGpuMemory"),
+    ],
+)
+def test_reasons_for_not_planning(sections: dict[str, Any], shape: Shape, reason: str) -> None:
+    outcome = plan_job(spec(**sections), shape)
+    assert not outcome.feasible
+    assert outcome.reason == reason
+    assert outcome.message
