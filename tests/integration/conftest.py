@@ -23,6 +23,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.jobs import Kubectl, install_crd
+from tests.operator_process import OperatorProcess, running_operator
+
 from cluster import (
     ClusterError,
     ClusterUnavailableError,
@@ -31,6 +34,8 @@ from cluster import (
     build_binaries,
     in_ci,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _unavailable(reason: str) -> None:
@@ -71,4 +76,30 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
     yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=120s", check=False)
+    # Not waited for: namespace deletion (finalizers, garbage collection) runs in the background.
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: LocalCluster) -> Kubectl:
+    """The cluster's kubectl with the ParallelTrainingJob CRD installed and Established."""
+    k = Kubectl(cluster)
+    install_crd(
+        k, str(Path(__file__).resolve().parents[2] / "crds" / "paralleltrainingjobs.shardwise.dev.yaml")
+    )
+    return k
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: LocalCluster, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """`shardwise operator` for one test module (short restart backoff); its log printed at the end.
+
+    Module-scoped on purpose: a module that runs an operator of its own (the chaos test, the
+    chart's ServiceAccount test) never has a second one acting on its jobs.
+    """
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with running_operator(cluster.kubeconfig, log, "--restart-backoff-seconds", "1") as op:
+        yield op
+    print(op.log()[-20000:])

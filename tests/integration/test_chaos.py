@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.jobs import Kubectl, install_crd, job_manifest, wait_for
+from tests.jobs import Kubectl, job_manifest, wait_for
 from tests.operator_process import OperatorProcess, running_operator
 
 pytestmark = pytest.mark.integration
@@ -85,13 +85,6 @@ class Chaos:
 
     def injected(self, job: str) -> int:
         return sum(1 for i in self.injections if i.job == job)
-
-
-@pytest.fixture(scope="module")
-def kubectl(cluster: Any) -> Kubectl:
-    k = Kubectl(cluster)
-    install_crd(k, str(CRD))
-    return k
 
 
 @pytest.fixture(scope="module")

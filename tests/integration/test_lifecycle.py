@@ -8,44 +8,15 @@ test annotates (hack/kwok-stages.yaml), or the test patches the pod's status.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.jobs import Kubectl, condition, condition_is, install_crd, job_manifest, wait_for
-from tests.operator_process import OperatorProcess, running_operator
+from tests.jobs import Kubectl, condition, condition_is, job_manifest, wait_for
+from tests.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.integration
 
-CRD = Path(__file__).resolve().parents[2] / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
 TIMEOUT = 90
-
-
-@pytest.fixture(scope="module")
-def kubectl(cluster: Any) -> Kubectl:
-    k = Kubectl(cluster)
-    install_crd(k, str(CRD))
-    return k
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator-lifecycle") / "operator.log"
-    with running_operator(cluster.kubeconfig, log, "--restart-backoff-seconds", "1") as op:
-        yield op
-    print(op.log()[-20000:])
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"l-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false")
 
 
 def small_job(name: str, namespace: str, **run_policy: Any) -> dict[str, Any]:

@@ -6,44 +6,16 @@ import json
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.jobs import Kubectl, condition, install_crd, job_manifest, wait_for
-from tests.operator_process import OperatorProcess, running_operator
+from tests.jobs import Kubectl, condition, job_manifest, wait_for
+from tests.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
-
-
-@pytest.fixture(scope="module")
-def kubectl(cluster: Any) -> Kubectl:
-    k = Kubectl(cluster)
-    install_crd(k, str(CRD))
-    return k
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(cluster.kubeconfig, log) as op:
-        yield op
-    print(op.log()[-20000:])
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false")
 
 
 def job_pods(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
