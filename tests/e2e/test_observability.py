@@ -179,6 +179,13 @@ def test_prometheus_sees_the_slowed_rank_and_the_job_gets_the_condition(
     assert sorted(s["metric"]["rank"] for s in used) == ["0", "1", "2", "3"]
     assert sorted(s["metric"]["rank"] for s in predicted) == ["0", "1", "2", "3"]
 
+    # The live /metrics body passes Prometheus' own linter.
+    promtool = shutil.which("promtool")
+    assert promtool is not None
+    lint = subprocess.run([promtool, "check", "metrics"], input=shardwise_operator.metrics(), text=True,
+                          capture_output=True, check=False)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
     # Every metric the shipped dashboards and alert rules query exists in this real scrape.
     missing = dashboard_and_rule_metrics() - exposed_names(shardwise_operator.metrics())
     assert not missing, f"dashboards / rules query metrics the operator does not export: {sorted(missing)}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
 
+import aiohttp
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -101,7 +102,8 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        """One API call; retried with jittered exponential backoff on 429 / 5xx / timeouts."""
+        """One API call; retried with jittered exponential backoff on 429 / 5xx / timeouts / dropped
+        connections."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         for attempt in range(self.attempts):
             try:
@@ -124,7 +126,8 @@ class Kube:
                     await self._backoff(attempt, f"{method} {path}: {status}")
                     continue
                 raise KubeError(status, str(exc.reason), text) from None
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+                # A dropped connection (the API server restarted, a proxy reset) is transient.
                 if attempt + 1 < self.attempts:
                     await self._backoff(attempt, f"{method} {path}: {exc!r}")
                     continue
