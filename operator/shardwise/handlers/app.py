@@ -21,7 +21,7 @@ from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
 from shardwise.jobstatus import finished
-from shardwise.kube.client import Kube
+from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
 from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
@@ -117,15 +117,26 @@ class Controller:
                     self.queue.add_after(key, requeue)
             except asyncio.CancelledError:
                 raise
+            except KubeError as exc:
+                if exc.status == 403 and "NamespaceTerminating" in exc.body:
+                    # The job's namespace is being deleted, the job with it: nothing to retry.
+                    log.info("ParallelTrainingJob %s/%s: namespace terminating; leaving the job alone", *key)
+                    self.failures.pop(key, None)
+                    continue
+                self._failed(key)
             except Exception:
-                count = self.failures[key] = self.failures.get(key, 0) + 1
-                delay = min(300.0, 0.5 * 2 ** min(count, 10))
-                self.metrics.reconcile_errors.inc()
-                log.exception("ParallelTrainingJob %s/%s: reconcile failed; retry in %.1fs", *key, delay)
-                self.queue.add_after(key, delay)
+                self._failed(key)
             finally:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
                 self.queue.done(key)
+
+    def _failed(self, key: JobKey) -> None:
+        """Log the pass's exception and retry the job with exponential backoff."""
+        count = self.failures[key] = self.failures.get(key, 0) + 1
+        delay = min(300.0, 0.5 * 2 ** min(count, 10))
+        self.metrics.reconcile_errors.inc()
+        log.exception("ParallelTrainingJob %s/%s: reconcile failed; retry in %.1fs", *key, delay)
+        self.queue.add_after(key, delay)
 
     def poke_waiting_jobs(self) -> None:
         """Inventory changed: every job that is not finished gets a pass (unplanned ones may fit now)."""

@@ -41,4 +41,6 @@ async def post_event(kube: Kube, job: dict[str, Any], etype: str, reason: str, m
     try:
         await kube.create(event)
     except KubeError as exc:
+        if exc.status == 403 and "NamespaceTerminating" in exc.body:
+            return  # the namespace, and the job with it, is going away
         log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
