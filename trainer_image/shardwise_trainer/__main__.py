@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-dtype", choices=("uint16", "int32"), default="uint16")
     p.add_argument("--seed", type=int, default=1234, help="model init and synthetic data seed")
     p.add_argument("--lr", type=float, default=None, help="override the DeepSpeed config's learning rate")
+    p.add_argument(
+        "--hf-model",
+        default=os.environ.get(contract.ENV_HF_MODEL) or None,
+        metavar="DIR",
+        help="train the Hugging Face causal LM saved in DIR (local only, needs transformers; "
+        "env SHARDWISE_HF_MODEL) instead of the built-in model; tp=1, pp=1 layouts only",
+    )
     p.add_argument("--checkpoint-dir", default=env(contract.ENV_CHECKPOINT_DIR) or "")
     p.add_argument("--checkpoint-every", type=int, default=None, help="env SHARDWISE_CHECKPOINT_EVERY")
     p.add_argument("--metrics-port", type=int, default=None, help="env SHARDWISE_METRICS_PORT (0 = off)")
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats_dir=args.stats_dir,
                 linger_seconds=args.linger_seconds,
                 lr=args.lr,
+                hf_model=args.hf_model,
             )
         )
     except contract.ContractError as exc:

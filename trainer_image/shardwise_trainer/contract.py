@@ -121,6 +121,11 @@ TORCHRUN_ENV: Final = (
 #: as with the local node runner's 127.0.0.x pods.
 ENV_POD_IP: Final = "SHARDWISE_POD_IP"
 
+#: Optional, set by the user (never by the operator): a local directory holding a Hugging Face
+#: causal LM (``config.json`` + weights from ``save_pretrained``) to train instead of the built-in
+#: model; same as ``--hf-model DIR``. Needs ``transformers``; never downloads (docs/trainer.md).
+ENV_HF_MODEL: Final = "SHARDWISE_HF_MODEL"
+
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
 #: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
 ENV_TEST_SLOW_RANK: Final = "SHARDWISE_TEST_SLOW_RANK"

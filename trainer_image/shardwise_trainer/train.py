@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardwise_trainer import contract
+from shardwise_trainer import contract, hf  # hf imports transformers only when called
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer")
@@ -51,6 +51,7 @@ class RunOptions:
     stats_dir: str | None
     linger_seconds: float
     lr: float | None = None
+    hf_model: str | None = None  # a local Hugging Face model directory (hf.py), else the built-in model
 
 
 def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
@@ -92,6 +93,9 @@ def run(opts: RunOptions) -> int:
     """Train the layout; returns the process exit code."""
     layout = contract.load_layout(opts.layout_file)
     ds_config = contract.load_ds_config(layout, opts.ds_config_file)
+    if opts.hf_model:
+        hf.check_layout(layout, opts.hf_model)  # tp / pp limits, before torch loads
+        hf.force_offline()
     _single_process_env()
 
     import torch  # heavy imports after argument / layout errors are reported
@@ -99,6 +103,9 @@ def run(opts: RunOptions) -> int:
     on_cpu = not torch.cuda.is_available()
     if on_cpu:  # DeepSpeed picks its accelerator at import time
         os.environ.setdefault(contract.ENV_DS_ACCELERATOR, "cpu")
+    # The model's config is checked against the layout on every rank before any process group
+    # exists, so a mismatch exits 2 everywhere instead of hanging the others.
+    hf_config = hf.load_config(opts.hf_model, layout) if opts.hf_model else None
     import deepspeed
     import torch.distributed as dist
 
@@ -135,13 +142,11 @@ def run(opts: RunOptions) -> int:
             "parallelism (norm / dropout activations replicated on the TP group; model states unchanged)"
         )
     arch = layout.architecture
-    declared = int((layout.raw.get(contract.K_MODEL) or {}).get(contract.K_MODEL_PARAMETERS) or 0)
-    built = count_parameters(arch) + arch.extra_parameters
-    if rank == 0 and declared and abs(built - declared) > 0.01 * declared:
-        log.warning("layout declares %d parameters, the trainer's model has %d", declared, built)
-
     tp_ctx = TPContext(size=topo.tp, rank=topo.tp_rank, group=topo.tp_group if topo.tp > 1 else None)
-    if layout.pp > 1:
+    if opts.hf_model:  # tp == pp == 1 (hf.check_layout)
+        model = hf.build_model(opts.hf_model, hf_config, layout.checkpointing)
+        mpu = Mpu(topo)
+    elif layout.pp > 1:
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         ds_topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
@@ -157,6 +162,10 @@ def run(opts: RunOptions) -> int:
     else:
         model = SequentialLM(arch, tp_ctx, opts.seed, layout.checkpointing)
         mpu = Mpu(topo)
+    built = hf.count_parameters(model) if opts.hf_model else count_parameters(arch) + arch.extra_parameters
+    declared = int((layout.raw.get(contract.K_MODEL) or {}).get(contract.K_MODEL_PARAMETERS) or 0)
+    if rank == 0 and declared and abs(built - declared) > 0.01 * declared:
+        log.warning("layout declares %d parameters, the trainer's model has %d", declared, built)
     mark_for_grad_norm(model, tp_rank=topo.tp_rank, pipeline_stage=topo.pp_rank if layout.pp > 1 else None)
     engine, _optimizer, _, _ = deepspeed.initialize(
         model=model,
