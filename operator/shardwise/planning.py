@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,31 +51,7 @@ def _infeasible(result: PlanResult) -> PlanOutcome:
     return PlanOutcome(False, reason, ". ".join(parts))
 
 
-_PLANNED_FIELDS = ("model", "training", "parallelism", "resources")
-
-
 def plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = None) -> PlanOutcome:
-    """Plan the job on the given shape (see _plan_job); identical requests are planned once.
-
-    A sweep submits many jobs that differ only in name; the plan depends only on the fields
-    below and the shape, so a small memo turns N searches into one. Callers get deep copies.
-    """
-    # Which nodes were picked does not change the plan, only their shape does.
-    shape_only = dataclasses.asdict(dataclasses.replace(shape, node_names=()))
-    key = json.dumps(
-        [{k: spec.get(k) for k in _PLANNED_FIELDS}, shape_only, pins], sort_keys=True, default=str
-    )
-    return copy.deepcopy(_plan_job_memo(key))
-
-
-@functools.lru_cache(maxsize=256)
-def _plan_job_memo(key: str) -> PlanOutcome:
-    spec, shape, pins = json.loads(key)
-    shape["node_names"] = tuple(shape["node_names"])
-    return _plan_job(spec, Shape(**shape), pins)
-
-
-def _plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = None) -> PlanOutcome:
     """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan.
 
     The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,

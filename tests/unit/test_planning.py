@@ -39,7 +39,7 @@ def test_pins_from_a_status_layout_reproduce_the_plan() -> None:
     assert again.document == first.document
 
 
-def test_identical_requests_share_one_plan_but_never_one_object() -> None:
+def test_identical_requests_give_equal_plans_but_never_one_object() -> None:
     one, two = (
         plan_job(spec(), H100),
         plan_job(
