@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tests.e2e.jobs_e2e import json_lines, tiny_job  # noqa: E402
-from tests.operator_process import running_operator  # noqa: E402
+from tests.operator_process import running_operator, stop_process  # noqa: E402
 
 from cluster import LocalCluster  # noqa: E402
 
@@ -218,12 +218,8 @@ def main() -> int:
                     print(f"--- pod tiny-cpu-node-{rank} log tail\n{log[-3000:]}")
             return 0 if ok else 1
     finally:
-        if runner is not None and runner.poll() is None:
-            runner.terminate()
-            try:
-                runner.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                runner.kill()
+        if runner is not None:
+            stop_process(runner, timeout=30)
         cluster.stop()
 
 

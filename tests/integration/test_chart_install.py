@@ -22,9 +22,8 @@ import contextlib
 import copy
 import json
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tests.chart.chartlib import (
     parse_can_i_list,
     render,
 )
+from tests.jobs import condition, wait_for
 from tests.operator_process import running_operator
 
 pytestmark = [pytest.mark.integration, pytest.mark.chart]
@@ -60,17 +60,6 @@ class Release:
     namespace: str
     service_account: str
     installed: bool = True
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +115,9 @@ def release(cluster: Any, helm_bin: str, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture
-def job_namespace(cluster: Any) -> Iterator[str]:
-    name = f"sw-chart-jobs-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+def job_namespace(namespace: str) -> str:
+    """Where the example jobs go: the shared per-test namespace (the release has its own)."""
+    return namespace
 
 
 def example_job(namespace: str) -> dict[str, Any]:
@@ -155,13 +142,6 @@ def denied(cluster: Any, kubeconfig: Path, *args: str) -> bool:
         check=False,
     )
     return result.returncode == 1 and result.stdout.strip() == "no"
-
-
-def condition(job: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == ctype:
-            return dict(cond)
-    return None
 
 
 def reconcile_example(cluster: Any, kubeconfig: Path, namespace: str, log: Path, *operator_args: str) -> None:

@@ -23,6 +23,11 @@ def small_job(name: str, namespace: str, **run_policy: Any) -> dict[str, Any]:
     return job_manifest(name, namespace, resources={"nodes": 1, "gpusPerNode": 2}, runPolicy=run_policy)
 
 
+def set_suspend(kubectl: Kubectl, namespace: str, name: str, suspend: bool) -> None:
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": suspend}}})
+    kubectl("patch", "ptj", name, "-n", namespace, "--type=merge", "-p", patch)
+
+
 def running_pod(kubectl: Kubectl, namespace: str, name: str, attempt: int) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         for pod in kubectl.pods(namespace, name):
@@ -123,31 +128,13 @@ def test_suspend_deletes_the_pods_and_resume_starts_a_fresh_attempt(
 ) -> None:
     kubectl.apply(small_job("pause", namespace))
     running_pod(kubectl, namespace, "pause", 0)
-    kubectl(
-        "patch",
-        "ptj",
-        "pause",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":true}}}',
-    )
+    set_suspend(kubectl, namespace, "pause", True)
     wait_for("pods deleted", lambda: not kubectl.pods(namespace, "pause"), timeout=TIMEOUT)
     job = wait_for(
         "Suspended", lambda: condition_is(j := kubectl.job(namespace, "pause"), "Suspended", "True") and j
     )
     assert job["status"]["phase"] == "Suspended"
-    kubectl(
-        "patch",
-        "ptj",
-        "pause",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"runPolicy":{"suspend":false}}}',
-    )
+    set_suspend(kubectl, namespace, "pause", False)
     running_pod(kubectl, namespace, "pause", 1)
     job = kubectl.job(namespace, "pause")
     assert condition_is(job, "Suspended", "False", "Resumed")
