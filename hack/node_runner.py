@@ -51,6 +51,7 @@ DEFAULT_HOST_IP: Final = "127.0.0.1"
 KUBELET_VERSION: Final = "v0.0.0-shardwise-node-runner"
 # The kubelet caps a termination message at 4096 bytes; FallbackToLogsOnError takes the log tail.
 MESSAGE_MAX_BYTES: Final = 4096
+DEFAULT_TERMINATION_PATH: Final = "/dev/termination-log"
 MESSAGE_MAX_LINES: Final = 20
 # Set on every process unless the pod sets them: gloo on the loopback interface, DeepSpeed on CPU
 # (no GPU here), and unbuffered Python so the log file shows output as it happens.
@@ -1077,6 +1078,11 @@ class PodWorker:
                     # serviceAccountToken / clusterTrustBundle: not materialized (no token here).
             # emptyDir and anything else: the empty directory.
         mounts: dict[str, str] = {}
+        # The container's terminationMessagePath, as a kubelet mounts it: a file of the sandbox
+        # the process may write; its content becomes the termination message (_record_exit).
+        self.termination_file.parent.mkdir(parents=True, exist_ok=True)
+        self.termination_file.write_bytes(b"")
+        mounts[self.termination_path] = str(self.termination_file)
         for mount in self.container.get("volumeMounts") or []:
             local = vol_dirs.get(mount.get("name", ""))
             if local is None:
@@ -1279,10 +1285,25 @@ class PodWorker:
             " ".join(prepared.argv).replace("\n", "\\n")[:300],
         )
 
+    @property
+    def termination_path(self) -> str:
+        return str(self.container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH)
+
+    @property
+    def termination_file(self) -> Path:
+        return self.sandbox / "termination-log"
+
     def _record_exit(self, returncode: int) -> None:
         self.run.exit_code = exit_code_of(returncode)
         self.run.finished_at = time.time()
         self.run.reason = "Completed" if self.run.exit_code == 0 else "Error"
+        try:  # what the process wrote to its terminationMessagePath wins, as with a kubelet
+            written = self.termination_file.read_bytes()[:MESSAGE_MAX_BYTES]
+        except OSError:
+            written = b""
+        if written.strip():
+            self.run.message = written.decode("utf-8", errors="replace").rstrip("\n")
+            return
         try:
             with self.log_file.open("rb") as f:
                 f.seek(0, os.SEEK_END)

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 import yaml
 
-from shardwise.jobspec import SpecError, request_from_spec, spec_from_manifest
+from shardwise.jobspec import SpecError, architecture_spec, request_from_spec, spec_from_manifest
 from shardwise.planner import GPUS, PRESETS, ModelSpec, PlanInputError, PlanResult, parse_hf_config, plan
 from shardwise.planner.units import GIB, gib, parse_count, parse_size
 from shardwise.resources.layout_file import layout_document_for
@@ -107,6 +108,12 @@ def add_plan_command(subparsers: Any) -> None:
     p.add_argument("--offload", choices=("none", "optimizer", "all", "auto"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--layout-out", metavar="FILE", help="write the layout.json the operator would use")
+    p.add_argument(
+        "--manifest-out",
+        metavar="FILE",
+        help="write a ParallelTrainingJob manifest of this plan's input: the manifest and flags, with "
+        "--model CONFIG.json turned into spec.model.architecture (one step from a config.json to a job)",
+    )
     p.set_defaults(handler=run_plan)
 
 
@@ -206,6 +213,8 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     if "model" not in spec:
         raise CliError("no model: give JOB.yaml, --model PRESET|CONFIG.json or --params N")
     result = plan(request_from_spec(spec, model=model))
+    if args.manifest_out:
+        _write_manifest(args, spec, model)
     if args.layout_out:
         if result.feasible:
             document = layout_document_for(result)
@@ -220,6 +229,33 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(render_plan(result))
     return EXIT_OK if result.feasible else EXIT_INFEASIBLE
+
+
+def manifest_for(name: str, spec: dict[str, Any], model: ModelSpec | None) -> dict[str, Any]:
+    """A ParallelTrainingJob manifest of a spec; a config.json model becomes its architecture block."""
+    body = copy.deepcopy(spec)
+    if model is not None and model.architecture is not None:
+        body["model"] = {"architecture": architecture_spec(model.architecture)}
+    for key in ("parallelism", "resources"):
+        if not body.get(key):
+            body.pop(key, None)
+    return {
+        "apiVersion": "shardwise.dev/v1alpha1",
+        "kind": "ParallelTrainingJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def _write_manifest(args: argparse.Namespace, spec: dict[str, Any], model: ModelSpec | None) -> None:
+    name = "job"
+    if model is not None:
+        name = re.sub(r"[^a-z0-9-]+", "-", Path(args.model).parent.name.lower() or "job").strip("-") or "job"
+    doc = manifest_for(name[:63], spec, model)
+    try:
+        Path(args.manifest_out).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"--manifest-out {args.manifest_out}: cannot write ({exc.strerror})") from None
 
 
 def _g(n: int | None) -> str:

@@ -41,13 +41,21 @@ _ARCH_FIELDS = {
     "positionEmbedding": "position_embedding",
     "maxSequenceLength": "max_sequence_length",
     "extraParameters": "extra_parameters",
+    "family": "family",  # LoRA module names and the trainer's config check (layout.json family)
     "qkvBias": "qkv_bias",  # optional addition to job-spec.md (Qwen2 / ChatGLM style Q/K/V biases)
 }
 _ARCH_BOOLS = {"tiedEmbeddings", "dropout", "qkvBias"}
-_ARCH_STRINGS = {"mlp", "norm", "positionEmbedding"}
+_ARCH_STRINGS = {"mlp", "norm", "positionEmbedding", "family"}
 
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def architecture_spec(arch: Architecture) -> dict[str, Any]:
+    """The job spec's ``model.architecture`` block (camelCase) of an Architecture; read back by
+    request_from_spec it gives the same Architecture."""
+    fields = arch.to_dict()
+    return {camel: fields[snake] for camel, snake in _ARCH_FIELDS.items()}
 
 
 class SpecError(PlanInputError):
@@ -168,6 +176,16 @@ def _training(training: Mapping[str, Any]) -> tuple[TrainingSettings, dict[str, 
             choices = ", ".join(LORA_TARGETS)
             raise SpecError(f"{path}.loraTargets: expected a list of {choices}, got {targets!r}")
         kwargs["lora_targets"] = tuple(targets)
+    alpha = training.get("loraAlpha")
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 4096:
+            raise SpecError(f"{path}.loraAlpha: expected a number in (0, 4096], got {alpha!r}")
+        kwargs["lora_alpha"] = float(alpha)
+    dropout = training.get("loraDropout")
+    if dropout is not None:
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+            raise SpecError(f"{path}.loraDropout: expected a number in [0, 1), got {dropout!r}")
+        kwargs["lora_dropout"] = float(dropout)
     fraction = training.get("trainableFraction")
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
@@ -182,6 +200,8 @@ def _training(training: Mapping[str, Any]) -> tuple[TrainingSettings, dict[str, 
     for field_name, methods in (
         ("loraRank", ("lora", "qlora")),
         ("loraTargets", ("lora", "qlora")),
+        ("loraAlpha", ("lora", "qlora")),
+        ("loraDropout", ("lora", "qlora")),
         ("trainableFraction", ("freeze",)),
     ):
         if training.get(field_name) is not None and method_name not in methods:

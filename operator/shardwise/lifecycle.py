@@ -2,7 +2,8 @@
 
 Exit codes: the container's exit code is torchrun's. torchrun exits 1 whenever a worker fails,
 whatever the worker's own code, so a trainer that knows better can say so in its termination
-message (`/dev/termination-log`) as a line `shardwise.dev/exit-code=N`; that code then wins.
+message (`/dev/termination-log`) as a line `shardwise.dev/exit-code=N`; that code then wins, and a
+line `shardwise.dev/reason=InvalidModel` (any CamelCase word) names the reason the job fails with.
 Defaults follow the usual batch convention: 1–127 are the program's own errors (permanent),
 128+ are signals (retryable: OOM kills, SIGTERM from a drained node, watchdog timeouts); a pod
 that failed without a container exit code (evicted, its node lost) is retryable.
@@ -19,6 +20,7 @@ from shardwise.podstate import PodFailure
 
 Verdict = Literal["permanent", "retryable", "disruption"]
 _TRAINER_CODE: Final = re.compile(r"shardwise\.dev/exit-code=(\d{1,3})")
+_TRAINER_REASON: Final = re.compile(r"shardwise\.dev/reason=([A-Z][A-Za-z0-9]{0,63})")
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -51,6 +53,21 @@ def effective_exit_code(failure: PodFailure) -> int | None:
     """The trainer's own code from the termination message if it left one, else the container's."""
     match = _TRAINER_CODE.search(failure.message or "")
     return int(match.group(1)) if match else failure.exit_code
+
+
+def trainer_reason(failure: PodFailure) -> tuple[str, str] | None:
+    """(CamelCase reason, the message lines) the trainer left in its termination message, e.g.
+    ("InvalidModel", "--hf-model /models/x: no weight files …"); None when it left none."""
+    text = failure.message or ""
+    match = _TRAINER_REASON.search(text)
+    if not match:
+        return None
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.startswith(("shardwise.dev/exit-code=", "shardwise.dev/reason="))
+    ]
+    return match.group(1), " ".join(lines)
 
 
 def classify(failure: PodFailure, run_policy: dict[str, Any]) -> FailureVerdict:

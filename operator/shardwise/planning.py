@@ -9,6 +9,7 @@ from typing import Any
 from shardwise.inventory import Shape
 from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec
 from shardwise.planner import PlanInputError, PlanResult, gpu, plan
+from shardwise.planner.search import REASON_RUNTIME_PREFIX
 from shardwise.planner.units import GIB
 from shardwise.resources.layout_file import layout_document_for, status_layout
 
@@ -30,6 +31,10 @@ def _gib(value: int) -> str:
 
 def _infeasible(result: PlanResult) -> PlanOutcome:
     choice = result.choice
+    refused = [r for r in result.rejected if r.reason.startswith(REASON_RUNTIME_PREFIX)]
+    if choice is None and refused and result.layouts_considered == 0:
+        # Every layout the GPUs allow is one the trainer does not run (capabilities.TABLE).
+        return PlanOutcome(False, "UnsupportedByRuntime", "; ".join(r.reason for r in refused[:3]))
     if choice is None:
         message = "no layout satisfies the constraints"
         if result.rejected:

@@ -167,7 +167,7 @@ def test_config_mismatch_exits_2(
 def test_tp_layout_with_hf_model_exits_2(hf_model_dir: Path, hf_layouts: dict[str, Path]) -> None:
     proc = _trainer(hf_layouts["tp2"], hf_model_dir)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "tp=1 and pp=1 only" in proc.stderr and "tp=2" in proc.stderr
+    assert "tp=2: a pretrained model runs data parallel" in proc.stderr and "tp=1, pp=1" in proc.stderr
 
 
 _BLOCK_TRANSFORMERS = """
@@ -191,6 +191,7 @@ def test_missing_transformers_exits_2(hf_layouts: dict[str, Path], tmp_path: Pat
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"")
     proc = _trainer(hf_layouts["dp2-zero2"], model_dir, code=_BLOCK_TRANSFORMERS)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "needs the optional package `transformers`" in proc.stderr
+    assert "needs the package `transformers`" in proc.stderr

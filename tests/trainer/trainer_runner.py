@@ -29,6 +29,7 @@ class RunResult:
     ranks: list[dict[str, Any]] = field(default_factory=list)
     done: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[int] = field(default_factory=list)
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every line, by event
     stderr: str = ""
     seconds: float = 0.0
 
@@ -61,7 +62,8 @@ def torchrun_cmd(nproc: int, layout: Path, steps: int, *args: str) -> list[str]:
         "--nproc-per-node", str(nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
         "-m", "shardwise_trainer",
-        "--layout", str(layout), "--steps", str(steps), "--synthetic-data", *args,
+        "--layout", str(layout), "--steps", str(steps),
+        *(() if "--data" in args else ("--synthetic-data",)), *args,
     ]  # fmt: skip
 
 
@@ -75,6 +77,7 @@ def parse_output(stdout: str, result: RunResult) -> RunResult:
         except json.JSONDecodeError:
             continue
         event = obj.get("event")
+        result.events.setdefault(str(event), []).append(obj)
         if event == "step":
             result.steps.append(obj)
         elif event == "rank":

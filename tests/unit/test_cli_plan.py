@@ -203,6 +203,44 @@ def test_model_from_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 2 and "not valid JSON" in err
 
 
+def test_manifest_out_turns_a_config_json_into_a_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = tmp_path / "ChatGLM3-6B"
+    model_dir.mkdir()
+    config = model_dir / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "chatglm",
+                "num_layers": 28,
+                "hidden_size": 4096,
+                "num_attention_heads": 32,
+                "multi_query_attention": True,
+                "multi_query_group_num": 2,
+                "ffn_hidden_size": 13696,
+                "padded_vocab_size": 65024,
+                "seq_length": 8192,
+                "add_qkv_bias": True,
+            }
+        )
+    )
+    job = tmp_path / "job.yaml"
+    flags = ["--method", "lora", "--gpus", "8", "--gpu", "RTX-4090", "--seq", "2048", "--json"]
+    code, direct, _ = run(["plan", "--model", str(config), *flags, "--manifest-out", str(job)], capsys)
+    assert code == 0
+    doc = yaml.safe_load(job.read_text())
+    assert doc["kind"] == "ParallelTrainingJob" and doc["metadata"]["name"] == "chatglm3-6b"
+    arch = doc["spec"]["model"]["architecture"]
+    assert (arch["family"], arch["layers"], arch["kvHeads"], arch["qkvBias"]) == ("chatglm", 28, 2, True)
+    assert doc["spec"]["training"]["method"] == "lora"
+    # The manifest plans exactly as the config.json did.
+    code, again, _ = run(["plan", str(job), "--json"], capsys)
+    assert code == 0
+    assert json.loads(again)["layout"] == json.loads(direct)["layout"]
+    assert json.loads(again)["model"]["parameters"] == json.loads(direct)["model"]["parameters"]
+
+
 def test_layout_out_writes_the_contract_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "layout.json"
     example = EXAMPLES / "tiny-cpu.yaml"
@@ -225,7 +263,7 @@ EXPECTED_EXIT = {
     "chatglm3-6b-lora-8k-zero3.yaml": 0,
     "llama-2-7b-full-1x80gb.yaml": 1,
     "llama-2-7b-full-1x80gb-offload.yaml": 0,
-    "qwen2-72b-inference-8gpu.yaml": 0,
+    "qwen2-72b-inference-8gpu.yaml": 1,  # refused: the trainer runs no inference yet
     "gpt3-175b-64xa100.yaml": 0,
     "tiny-cpu.yaml": 0,
 }
@@ -244,7 +282,10 @@ def test_examples_plan_as_documented(name: str, exit_code: int, capsys: pytest.C
     doc = yaml.safe_load((EXAMPLES / name).read_text())
     containers = doc["spec"]["template"]["spec"]["containers"]
     assert containers[0]["name"] == "trainer" and "shardwise_trainer" in containers[0]["command"]
-    if exit_code == 1:
+    refused = [r for r in data["rejected"] if r["reason"].startswith("the trainer cannot run")]
+    if exit_code == 1 and data["layouts_considered"] == 0:
+        assert refused, "an example refused outright must say what the trainer does not run"
+    elif exit_code == 1:
         assert data["diagnosis"]["ways_out"], "an infeasible example must come with ways out"
 
 

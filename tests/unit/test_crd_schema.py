@@ -186,6 +186,7 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "maxSequenceLength",
         "extraParameters",
         "qkvBias",
+        "family",
     }
     assert set(get(schema, "spec.training")["properties"]) == {
         "method",
@@ -198,6 +199,8 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "offload",
         "loraRank",
         "loraTargets",
+        "loraAlpha",
+        "loraDropout",
         "trainableFraction",
         "learningRate",
     }

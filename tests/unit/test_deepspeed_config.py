@@ -68,6 +68,7 @@ def test_layout_document_follows_the_contract() -> None:
     }  # fmt: skip
     assert set(doc["training"]) == {
         "method", "precision", "sequence_length", "global_batch_size", "lora_rank", "lora_targets",
+        "lora_alpha", "lora_dropout", "trainable_fraction", "first_trainable_layer", "model_source",
         "optimizer",
     }  # fmt: skip
     assert set(doc["layout"]) == {

@@ -16,6 +16,7 @@ from shardwise.planner import (
     ModelSpec,
     Pins,
     PlanInputError,
+    PlannerSettings,
     PlanRequest,
     PlanResult,
     TrainingSettings,
@@ -125,7 +126,7 @@ def test_pins_are_honoured(pins: dict[str, Any]) -> None:
 def test_fully_pinned_layout_is_evaluated_not_searched() -> None:
     pins: dict[str, Any] = {
         "tp": 8, "pp": 2, "zero_stage": 1, "micro_batch": 1, "checkpointing": "full",
-        "sequence_parallel": True, "offload": "none",
+        "sequence_parallel": False, "offload": "none",
     }  # fmt: skip
     result = plan(_request(**pins))
     assert result.layouts_considered == 1
@@ -265,6 +266,8 @@ def test_search_worst_stage_agrees_with_exact_evaluation(method: str, pp: int) -
         cluster=Cluster(1, pp, gpu("H100")),
         training=TrainingSettings(method=method, trainable_fraction=0.6, global_batch_size=16),  # type: ignore[arg-type]
         pins=Pins(pp=pp, tp=1, zero_stage=0, micro_batch=1, checkpointing="none", offload="none"),
+        # The memory model under PP for every method, whether or not the trainer runs it yet.
+        settings=PlannerSettings(respect_runtime=False),
     )
     ctx = model_context(request)
     counts = stage_counts(ctx, 1, pp)

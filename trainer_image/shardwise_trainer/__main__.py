@@ -40,8 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-model",
         default=os.environ.get(contract.ENV_HF_MODEL) or None,
         metavar="DIR",
-        help="train the Hugging Face causal LM saved in DIR (local only, needs transformers; "
-        "env SHARDWISE_HF_MODEL) instead of the built-in model; tp=1, pp=1 layouts only",
+        help="train the pretrained Hugging Face model saved in DIR (local only; env "
+        "SHARDWISE_HF_MODEL) instead of the built-in model; needed by lora / qlora / freeze",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=os.environ.get(contract.ENV_TRUST_REMOTE_CODE, "") == "true",
+        help="run modelling code shipped in the --hf-model directory (ChatGLM3); an explicit opt-in "
+        "(env SHARDWISE_TRUST_REMOTE_CODE=true), never the default",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=os.environ.get(contract.ENV_OUTPUT_DIR) or "",
+        metavar="DIR",
+        help="save the result in Hugging Face format here at the end: the LoRA / QLoRA adapter, or "
+        "the full / freeze model as safetensors (env SHARDWISE_OUTPUT_DIR)",
     )
     p.add_argument("--checkpoint-dir", default=env(contract.ENV_CHECKPOINT_DIR) or "")
     p.add_argument("--checkpoint-every", type=int, default=None, help="env SHARDWISE_CHECKPOINT_EVERY")
@@ -98,11 +112,27 @@ def main(argv: list[str] | None = None) -> int:
                 linger_seconds=args.linger_seconds,
                 lr=args.lr,
                 hf_model=args.hf_model,
+                trust_remote_code=args.trust_remote_code,
+                output_dir=args.output_dir,
             )
         )
     except contract.ContractError as exc:
         print(f"shardwise-train: {exc}", file=sys.stderr)
+        _write_termination_message(2, exc.reason, str(exc))
         return 2
+
+
+def _write_termination_message(code: int, reason: str, message: str) -> None:
+    """Leave the exit code and reason where the operator reads them (the pod's termination
+    message); only when the operator named the file (never /dev/termination-log by default)."""
+    path = contract.env(contract.ENV_TERMINATION_LOG)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(contract.termination_message(code, reason, message))
+    except OSError as exc:  # the message still is on stderr, the pod log
+        print(f"shardwise-train: cannot write the termination message to {path}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from shardwise_trainer import capabilities
+
 # --------------------------------------------------------------------------------------------
 # Files (mounted from the ``<job>-layout`` ConfigMap)
 # --------------------------------------------------------------------------------------------
@@ -65,6 +67,9 @@ ENV_CHECKPOINT_EVERY: Final = "SHARDWISE_CHECKPOINT_EVERY"
 #: ``cpu`` on CPU-only nodes (tests, demo); unset on GPU nodes. Read by DeepSpeed itself.
 ENV_DS_ACCELERATOR: Final = "DS_ACCELERATOR"
 
+#: File the trainer writes its termination message to: the container's terminationMessagePath.
+ENV_TERMINATION_LOG: Final = "SHARDWISE_TERMINATION_LOG"
+
 #: Every variable the operator sets (the operator's pod-env test checks this set).
 OPERATOR_ENV: Final = (
     ENV_LAYOUT_FILE,
@@ -78,6 +83,7 @@ OPERATOR_ENV: Final = (
     ENV_METRICS_PORT,
     ENV_CHECKPOINT_DIR,
     ENV_CHECKPOINT_EVERY,
+    ENV_TERMINATION_LOG,
     "SHARDWISE_POD_IP",  # ENV_POD_IP, defined below with its note
 )
 
@@ -94,6 +100,7 @@ ENV_DEFAULTS: Final[Mapping[str, str | None]] = {
     ENV_METRICS_PORT: "0",
     ENV_CHECKPOINT_DIR: "",
     ENV_CHECKPOINT_EVERY: "0",
+    ENV_TERMINATION_LOG: "",
     "SHARDWISE_POD_IP": "",
 }
 
@@ -125,6 +132,11 @@ ENV_POD_IP: Final = "SHARDWISE_POD_IP"
 #: causal LM (``config.json`` + weights from ``save_pretrained``) to train instead of the built-in
 #: model; same as ``--hf-model DIR``. Needs ``transformers``; never downloads (docs/trainer.md).
 ENV_HF_MODEL: Final = "SHARDWISE_HF_MODEL"
+#: Optional, set by the user: ``true`` lets the trainer run modelling code shipped in the model
+#: directory (``auto_map``, e.g. ChatGLM3); same as ``--trust-remote-code``. Never a default.
+ENV_TRUST_REMOTE_CODE: Final = "SHARDWISE_TRUST_REMOTE_CODE"
+#: Optional, set by the user: directory the result is saved to in Hugging Face format.
+ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
 
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
 #: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
@@ -164,6 +176,11 @@ K_GLOBAL_BATCH: Final = "global_batch_size"
 K_LORA_RANK: Final = "lora_rank"
 K_LORA_TARGETS: Final = "lora_targets"
 K_OPTIMIZER: Final = "optimizer"
+K_LORA_ALPHA: Final = "lora_alpha"
+K_LORA_DROPOUT: Final = "lora_dropout"
+K_TRAINABLE_FRACTION: Final = "trainable_fraction"
+K_FIRST_TRAINABLE: Final = "first_trainable_layer"
+K_MODEL_SOURCE: Final = "model_source"
 # layout
 K_LAYOUT: Final = "layout"
 K_TP: Final = "tp"
@@ -201,12 +218,34 @@ POSITION_KINDS: Final = ("rope", "learned")
 PRECISIONS: Final = ("bf16", "fp16", "bf16-pure", "fp32")
 CHECKPOINTING_KINDS: Final = ("none", "selective", "full")
 OFFLOAD_KINDS: Final = ("none", "optimizer", "all")
-#: Training methods this trainer runs (lora / qlora / freeze need a Hugging Face model path).
-SUPPORTED_METHODS: Final = ("full",)
+#: Training methods this trainer runs (capabilities.TABLE says with which layouts; lora / qlora /
+#: freeze need a pretrained Hugging Face model directory).
+SUPPORTED_METHODS: Final = tuple(dict.fromkeys(c.method for c in capabilities.TABLE))
+
+
+#: Termination-message lines the operator reads (lifecycle.py): the trainer's own exit code (torchrun
+#: exits 1 for any failed worker) and the CamelCase reason the job fails with.
+TERMINATION_EXIT_CODE: Final = "shardwise.dev/exit-code="
+TERMINATION_REASON: Final = "shardwise.dev/reason="
+#: Reasons of exit code 2 (bad input), the job's Failed condition reason.
+REASON_INVALID_LAYOUT: Final = "InvalidLayout"
+REASON_INVALID_MODEL: Final = "InvalidModel"
+REASON_UNSUPPORTED: Final = "UnsupportedByRuntime"
 
 
 class ContractError(ValueError):
-    """A layout file or an environment variable does not follow the contract."""
+    """A layout file, an environment variable or the model does not fit the contract (exit 2);
+    ``reason`` is the CamelCase reason the job fails with."""
+
+    def __init__(self, message: str, reason: str = REASON_INVALID_LAYOUT) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def termination_message(exit_code: int, reason: str, message: str) -> str:
+    """What the trainer writes to its terminationMessagePath (kubelet cap: 4096 bytes)."""
+    text = f"{TERMINATION_EXIT_CODE}{exit_code}\n{TERMINATION_REASON}{reason}\n{message}\n"
+    return text.encode()[:4096].decode(errors="ignore")
 
 
 def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -283,6 +322,12 @@ class Layout:
     offload: str
     stage_layers: tuple[tuple[int, int], ...]
     deepspeed: Mapping[str, Any]
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    first_trainable_layer: int = 0
+    sequence_parallel: bool = False
 
     @property
     def world_size(self) -> int:
@@ -395,6 +440,16 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
     method = str(training.get(K_METHOD, "full"))
     if method not in SUPPORTED_METHODS:
         raise ContractError(f"layout.json: training.method={method!r}; this trainer runs {SUPPORTED_METHODS}")
+    lora_rank = int(training.get(K_LORA_RANK) or 0)
+    lora_targets = tuple(str(t) for t in training.get(K_LORA_TARGETS) or ())
+    if method in ("lora", "qlora") and (lora_rank <= 0 or not lora_targets):
+        raise ContractError(f"layout.json: method {method} needs training.lora_rank > 0 and lora_targets")
+    lora_alpha = float(training.get(K_LORA_ALPHA) or 2 * lora_rank)
+    first_trainable = int(training.get(K_FIRST_TRAINABLE) or 0)
+    if not 0 <= first_trainable < max(1, arch.layers):
+        raise ContractError(
+            f"layout.json: training.first_trainable_layer={first_trainable} outside 0..{arch.layers - 1}"
+        )
     layout = Layout(
         raw=doc,
         architecture=arch,
@@ -414,6 +469,12 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
         offload=_choice(str(lay.get(K_OFFLOAD, "none")), OFFLOAD_KINDS, "layout.offload"),
         stage_layers=stage_layers,
         deepspeed=dict(doc.get(K_DEEPSPEED) or {}),
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        lora_alpha=lora_alpha,
+        lora_dropout=float(training.get(K_LORA_DROPOUT) or 0.0),
+        first_trainable_layer=first_trainable,
+        sequence_parallel=bool(lay.get(K_SEQUENCE_PARALLEL, False)),
     )
     if layout.micro_batch * layout.grad_accum * dp != layout.global_batch_size:
         raise ContractError(
@@ -428,6 +489,20 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
             "supports ZeRO stage 0 or 1 only"
         )
     return layout
+
+
+def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
+    """Why this trainer cannot run ``layout`` (capabilities.TABLE), or None."""
+    return capabilities.refusal(
+        method=layout.method,
+        # What this run has, not what the method wants: lora without a model dir is refused.
+        model=capabilities.PRETRAINED if pretrained else capabilities.BUILTIN,
+        tp=layout.tp,
+        pp=layout.pp,
+        sequence_parallel=layout.sequence_parallel,
+        zero_stage=layout.zero_stage,
+        offload=layout.offload,
+    )
 
 
 def load_layout(path: str | os.PathLike[str]) -> Layout:

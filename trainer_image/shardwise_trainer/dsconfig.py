@@ -7,14 +7,15 @@ keys cannot work as written:
 
 * ``fp16`` on CPU: the CPU accelerator has no fp16 loss-scaled path worth running; fp16 is
   replaced by bf16 (same memory per value, so the plan's byte counts still hold).
-* ``zero_optimization.offload_optimizer`` / ``offload_param`` on CPU: the model already lives in
-  host memory, and the offload path needs the ``cpu_adam`` C++ op built at run time; removed.
+* ``zero_optimization.offload_optimizer`` / ``offload_param`` run as planned, on CPU too, with
+  ``pin_memory`` off on CPU (there is no device to pin host buffers for).
 
-On every device, ``optimizer`` Adam / AdamW gets ``torch_adam: true`` unless the config sets it
+Without offload, ``optimizer`` Adam / AdamW gets ``torch_adam: true`` unless the config sets it
 explicitly: DeepSpeed would otherwise pick ``FusedAdam``, an op JIT-compiled on first use, which
 needs nvcc (absent from the PyTorch *runtime* base image) or, on the CPU accelerator, a build of
-its own. ``torch.optim.AdamW`` keeps the same states (two fp32 moments per parameter). Optimizer
-offload still uses DeepSpeed's ``DeepSpeedCPUAdam`` (built with g++, present in the image).
+its own. ``torch.optim.AdamW`` keeps the same states (two fp32 moments per parameter). With
+offload the optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` (built with g++, present in the image;
+``hack/setup`` builds it once into the torch extensions cache).
 
 Everywhere, ``tensor_parallel`` (DeepSpeed AutoTP) is removed: the trainer builds its layers
 already sharded over its own TP group. The batch keys are made to agree with the layout
@@ -73,14 +74,17 @@ def adapt(config: dict[str, Any], layout: Layout, *, on_cpu: bool, lr: float | N
     if zero.get("stage", layout.zero_stage) != layout.zero_stage:
         out.changes.append(f"zero_optimization.stage: {zero.get('stage')} -> {layout.zero_stage} (layout)")
     zero["stage"] = layout.zero_stage
+    # Offload runs as planned, on CPU too: DeepSpeed steps the offloaded optimizer with its
+    # DeepSpeedCPUAdam op (built once with g++, cached in the torch extensions directory).
+    offloading = "offload_optimizer" in zero or "offload_param" in zero
     if on_cpu:
         for key in ("offload_optimizer", "offload_param"):
-            if key in zero:
-                out.changes.append(
-                    f"zero_optimization.{key} removed (CPU: states already in host memory; "
-                    "the offload path needs the cpu_adam op built at run time)"
-                )
-                del zero[key]
+            if key in zero and zero[key].get("pin_memory"):
+                zero[key] = {**zero[key], "pin_memory": False}
+                out.changes.append(f"zero_optimization.{key}.pin_memory -> false (CPU: nothing to pin for)")
+    if layout.zero_stage == 3:
+        # The output (outputs.py) gathers the 16-bit weights from the partitions.
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     cfg["zero_optimization"] = zero
 
     precision = layout.precision
@@ -105,7 +109,10 @@ def adapt(config: dict[str, Any], layout: Layout, *, on_cpu: bool, lr: float | N
     opt = copy.deepcopy(cfg.get("optimizer") or DEFAULT_OPTIMIZER)
     if str(opt.get("type", "")).lower() in ("adam", "adamw"):
         params = dict(opt.get("params") or {})
-        if "torch_adam" not in params:
+        if offloading:
+            if params.pop("torch_adam", None):  # torch's AdamW would step the offloaded states
+                out.changes.append("optimizer.params.torch_adam removed (offload steps DeepSpeedCPUAdam)")
+        elif "torch_adam" not in params:
             out.changes.append("optimizer.params.torch_adam = true (FusedAdam is a JIT-built op)")
             params["torch_adam"] = True
         opt["params"] = params

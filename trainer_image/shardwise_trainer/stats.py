@@ -4,7 +4,8 @@ Model states (``parameters``, ``gradients``, ``optimizer_states``) are counted f
 themselves, each STORAGE once (views into DeepSpeed's flat buffers share a storage):
 
 * parameters: every module parameter's storage; under ZeRO-3 the partition ``param.ds_tensor``
-  this rank keeps (the gathered ``param.data`` is empty between uses).
+  this rank keeps (the gathered ``param.data`` is empty between uses); a 4-bit QLoRA weight adds
+  its quantisation constants.
 * gradients: ``param.grad`` plus the gradient partitions DeepSpeed's ZeRO optimizers keep
   (``grads_in_partition`` / ``averaged_gradients`` for ZeRO-2, ``grad_partitions_flat_buffer``
   for ZeRO-3, the fp32 partitions' ``.grad``). Communication buckets (``ipg`` buffers) are
@@ -97,12 +98,31 @@ def _held(p: torch.Tensor) -> torch.Tensor:
     return p.data if ds_tensor is None else ds_tensor
 
 
+def _quant_state_tensors(params: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """A 4-bit (bitsandbytes) weight's block constants: the absmax per block and, with double
+    quantisation, the second level's absmax and offset — part of the QLoRA base's bytes. The
+    quantisation code tables (16 and 256 values per matrix, whatever its size) are left out: they
+    do not scale with the parameters, which is what the plan counts."""
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            continue
+        if isinstance(getattr(state, "absmax", None), torch.Tensor):
+            yield state.absmax
+        nested = getattr(state, "state2", None)
+        if nested is not None and isinstance(getattr(nested, "absmax", None), torch.Tensor):
+            yield nested.absmax
+        offset = getattr(state, "offset", None)
+        if isinstance(offset, torch.Tensor):
+            yield offset
+
+
 def measure_model_states(module: nn.Module, optimizer: Any) -> ModelStateBytes:
     """Count this rank's parameter, gradient and optimizer-state bytes (see module doc)."""
     c = _Counter()
     params = list(module.parameters())
     out = ModelStateBytes()
-    out.parameters = c.add(_held(p) for p in params)
+    out.parameters = c.add(_held(p) for p in params) + c.add(_quant_state_tensors(params))
 
     grads: list[torch.Tensor] = [p.grad for p in params if p.grad is not None]
     for p in params:

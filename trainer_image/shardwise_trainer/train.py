@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardwise_trainer import contract, hf  # hf imports transformers only when called
+from shardwise_trainer import contract, pretrained  # imports transformers only when called
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer")
@@ -51,7 +51,9 @@ class RunOptions:
     stats_dir: str | None
     linger_seconds: float
     lr: float | None = None
-    hf_model: str | None = None  # a local Hugging Face model directory (hf.py), else the built-in model
+    hf_model: str | None = None  # a local Hugging Face model directory (pretrained.py), else built-in
+    trust_remote_code: bool = False  # run modelling code shipped in the model directory (opt-in)
+    output_dir: str = ""  # where the result is saved in Hugging Face format (outputs.py); "" = not saved
 
 
 def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
@@ -93,9 +95,18 @@ def run(opts: RunOptions) -> int:
     """Train the layout; returns the process exit code."""
     layout = contract.load_layout(opts.layout_file)
     ds_config = contract.load_ds_config(layout, opts.ds_config_file)
-    if opts.hf_model:
-        hf.check_layout(layout, opts.hf_model)  # tp / pp limits, before torch loads
-        hf.force_offline()
+    if opts.hf_model:  # capability table, model dir, weights, remote-code opt-in: before torch loads
+        pretrained.check_model_dir(layout, opts.hf_model, trust_remote_code=opts.trust_remote_code)
+        pretrained.force_offline()
+    else:
+        refused = contract.runtime_refusal(layout, pretrained=False)
+        if refused:
+            raise contract.ContractError(refused, contract.REASON_UNSUPPORTED)
+        if opts.output_dir:
+            raise contract.ContractError(
+                "--output-dir saves a model in Hugging Face format: it needs --hf-model (the built-in "
+                "model has no Hugging Face class; its DeepSpeed checkpoints are in --checkpoint-dir)"
+            )
     _single_process_env()
 
     import torch  # heavy imports after argument / layout errors are reported
@@ -105,20 +116,18 @@ def run(opts: RunOptions) -> int:
         os.environ.setdefault(contract.ENV_DS_ACCELERATOR, "cpu")
     # The model's config is checked against the layout on every rank before any process group
     # exists, so a mismatch exits 2 everywhere instead of hanging the others.
-    hf_config = hf.load_config(opts.hf_model, layout) if opts.hf_model else None
+    hf_config = (
+        pretrained.load_config(opts.hf_model, layout, trust_remote_code=opts.trust_remote_code)
+        if opts.hf_model
+        else None
+    )
     import deepspeed
     import torch.distributed as dist
 
-    from shardwise_trainer import dsconfig, metrics, stats
+    from shardwise_trainer import build, dsconfig, metrics, outputs, stats
     from shardwise_trainer.data import TokenSource
-    from shardwise_trainer.model import (
-        SequentialLM,
-        TPContext,
-        count_parameters,
-        mark_for_grad_norm,
-        pipeline_module,
-    )
-    from shardwise_trainer.topology import Mpu, build_topology
+    from shardwise_trainer.model import mark_for_grad_norm
+    from shardwise_trainer.topology import build_topology
 
     logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     backend = "gloo" if on_cpu else "nccl"
@@ -142,30 +151,22 @@ def run(opts: RunOptions) -> int:
             "parallelism (norm / dropout activations replicated on the TP group; model states unchanged)"
         )
     arch = layout.architecture
-    tp_ctx = TPContext(size=topo.tp, rank=topo.tp_rank, group=topo.tp_group if topo.tp > 1 else None)
-    if opts.hf_model:  # tp == pp == 1 (hf.check_layout)
-        model = hf.build_model(opts.hf_model, hf_config, layout.checkpointing)
-        mpu = Mpu(topo)
-    elif layout.pp > 1:
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-        ds_topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
-        model = pipeline_module(
-            arch,
-            tp_ctx,
-            seed=opts.seed,
-            checkpointing=layout.checkpointing,
-            stage_layers=layout.stage_layers,
-            topology=ds_topo,
+    built = build.build_model(layout, topo, adapted.config, seed=opts.seed, hf_model_dir=opts.hf_model,
+                              hf_config=hf_config, trust_remote_code=opts.trust_remote_code)  # fmt: skip
+    model, hf_model, mpu = built.model, built.hf_model, built.mpu
+    if rank == 0:
+        _emit(
+            {
+                "event": "model",
+                "parameters": built.parameters,
+                "trainable_parameters": built.trainable_parameters,
+                "weights_4bit": built.weights_4bit,
+                "source": "pretrained" if opts.hf_model else "builtin",
+            }
         )
-        mpu = None
-    else:
-        model = SequentialLM(arch, tp_ctx, opts.seed, layout.checkpointing)
-        mpu = Mpu(topo)
-    built = hf.count_parameters(model) if opts.hf_model else count_parameters(arch) + arch.extra_parameters
     declared = int((layout.raw.get(contract.K_MODEL) or {}).get(contract.K_MODEL_PARAMETERS) or 0)
-    if rank == 0 and declared and abs(built - declared) > 0.01 * declared:
-        log.warning("layout declares %d parameters, the trainer's model has %d", declared, built)
+    if rank == 0 and declared and abs(built.parameters - declared) > 0.01 * declared:
+        log.warning("layout declares %d parameters, the trainer's model has %d", declared, built.parameters)
     mark_for_grad_norm(model, tp_rank=topo.tp_rank, pipeline_stage=topo.pp_rank if layout.pp > 1 else None)
     engine, _optimizer, _, _ = deepspeed.initialize(
         model=model,
@@ -315,6 +316,24 @@ def run(opts: RunOptions) -> int:
         )
 
     loop_seconds = time.perf_counter() - loop_start
+    if opts.output_dir and hf_model is not None:
+        probe_ids, probe_labels = source.micro_batch(
+            step=0, micro=0, dp_rank=0, dp=1, micro_batch=layout.micro_batch, global_batch=layout.micro_batch
+        )
+        probe = outputs.probe_loss(engine, probe_ids.to(device), probe_labels.to(device))
+        saved = outputs.save(
+            engine,
+            hf_model,
+            method=layout.method,
+            zero_stage=layout.zero_stage,
+            model_dir=opts.hf_model or "",
+            out_dir=opts.output_dir,
+            prefix=pretrained.WRAPPED_PREFIX,
+        )
+        if rank == 0:
+            # probe_loss: the saved model's loss on samples 0 … micro_batch-1 (eval mode), which a
+            # fresh process loading the output reproduces.
+            _emit({"event": "output", "path": saved, "method": layout.method, "probe_loss": probe})
     peak = meter.peak
     summary = {
         "event": "rank",
@@ -328,6 +347,8 @@ def run(opts: RunOptions) -> int:
         "optimizer_states_bytes": peak.optimizer_states,
         "predicted_model_state_bytes": predicted,
         "peak_memory_bytes": dev.peak_bytes(),
+        "load_peak_bytes": built.load_peak_bytes,
+        "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
     }
     gathered: list[Any] = [None] * topo.world_size
     dist.all_gather_object(gathered, summary)

@@ -350,6 +350,10 @@ class _Pass:
             where = verdict.why
         if verdict.verdict == "permanent":
             reason = "TrainerExitedWithError" if verdict.exit_code is not None else "PodFailed"
+            told = next((t for t in map(lifecycle.trainer_reason, summary.failures) if t), None)
+            if told is not None:  # the trainer named it (bad model, unsupported layout, …)
+                reason, said = told
+                where = f"{where.split(':')[0]}: {said}" if said else where
             self.finish_failed(reason, where)
             await self.commit()
             await self._delete_live(pods)

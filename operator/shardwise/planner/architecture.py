@@ -57,6 +57,10 @@ class Architecture:
             )
         if self.heads % self.kv_heads:
             raise PlanInputError(f"architecture kvHeads={self.kv_heads} does not divide heads={self.heads}")
+        if self.family not in FAMILIES:
+            raise PlanInputError(
+                f"architecture family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
+            )
         if self.mlp not in MLPS:
             raise PlanInputError(f"architecture mlp must be gelu or swiglu, got {self.mlp!r}")
         if self.norm not in NORMS:

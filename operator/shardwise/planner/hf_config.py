@@ -43,11 +43,15 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
     """Map a config.json dict to an Architecture; PlanInputError names what is missing."""
     model_type = str(config.get("model_type", "")).lower()
     if model_type in ("llama", "mistral", "qwen2", "qwen2_vl"):
+        outer = config
+        nested = config.get("text_config")
+        if isinstance(nested, Mapping) and nested.get("hidden_size") is not None:
+            config = nested  # transformers >= 5 nests a Qwen2-VL's language model config
         h = _int(config, "hidden_size")
         heads = _int(config, "num_attention_heads")
         extra = 0
         if model_type == "qwen2_vl":
-            vision = config.get("vision_config")
+            vision = outer.get("vision_config")
             extra = (
                 vision_tower_params(vision, h) if isinstance(vision, Mapping) else QWEN2_VL_72B_VISION_PARAMS
             )
@@ -62,7 +66,7 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
             vocab_size=_int(config, "vocab_size"),
             mlp="swiglu",
             norm="rmsnorm",
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tied_embeddings=bool(outer.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
             max_sequence_length=_int(config, "max_position_embeddings", default=4096),
             qkv_bias=model_type.startswith("qwen2") or bool(config.get("attention_bias", False)),
             extra_parameters=extra,

@@ -17,9 +17,10 @@ Precision conventions (bytes per parameter: weights, gradients, optimizer K):
                  (stage_1_and_2.py `single_partition_of_fp32_groups`, stage3.py
                  `fp32_partitioned_groups_flat`) — measured on CPU by the trainer's fidelity test
 
-Methods: LoRA / QLoRA keep the full-fine-tuning activation accounting (the gradient flows through
-every layer down to the first adapter); it is an upper bound, since a frozen linear layer need not
-save its input. Freeze keeps activations only for the trained (last) layers.
+Methods: a vision tower (Qwen2-VL) is frozen under every method (text-only fine-tuning, as the
+trainer runs it). LoRA / QLoRA keep the full-fine-tuning activation accounting (the gradient flows
+through every layer down to the first adapter); it is an upper bound, since a frozen linear layer
+need not save its input. Freeze keeps activations only for the trained (last) layers.
 """
 
 from __future__ import annotations
@@ -197,8 +198,10 @@ def stage_counts(ctx: ModelContext, tp: int, pp: int) -> tuple[StageCounts, ...]
         n = last - first
         params = n * layer + (embedding if i == 0 else 0) + (output if i == pp - 1 else 0)
         active = n
+        # A vision tower (extra_parameters, stage 0) stays frozen: the trainer runs text-only SFT.
+        tower = ceil_div(arch.extra_parameters, tp) if i == 0 else 0
         if method == "full":
-            trainable, frozen = params, 0
+            trainable, frozen = params - tower, tower * frozen_b
         elif method == "inference":
             trainable, frozen = 0, params * frozen_b
         elif method in ("lora", "qlora"):

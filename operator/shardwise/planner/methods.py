@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from shardwise.planner import capabilities
 from shardwise.planner.architecture import Architecture
 from shardwise.planner.errors import PlanInputError
 
@@ -25,13 +26,22 @@ def lora_matrix_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
 
 def lora_params_per_layer(arch: Architecture, rank: int, targets: tuple[str, ...]) -> int:
     """LoRA rank r on a d_in x d_out matrix adds A (r x d_in) and B (d_out x r): r·(d_in + d_out)
-    parameters (Hu et al. 2021; memory-model.md §5)."""
+    parameters (Hu et al. 2021; memory-model.md §5). Targets that are one fused module in the
+    family (ChatGLM's query_key_value: q, k, v) are one matrix: d_out is the sum, d_in shared —
+    what peft builds on that module (capabilities.LORA_MODULES)."""
     shapes = lora_matrix_shapes(arch)
-    total = 0
     for target in targets:
         if target not in shapes:
             raise PlanInputError(f"LoRA target {target!r} does not exist in a {arch.mlp} block")
-        d_in, d_out = shapes[target]
+    modules = capabilities.lora_modules(arch.family, targets)
+    if isinstance(modules, str):
+        raise PlanInputError(modules)
+    table = capabilities.LORA_MODULES[capabilities.LORA_FAMILY_ALIASES[arch.family]]
+    total = 0
+    for module in modules:
+        members = [t for t in targets if table[t] == module]
+        d_in = shapes[members[0]][0]
+        d_out = sum(shapes[t][1] for t in members)
         total += rank * (d_in + d_out)
     return total
 

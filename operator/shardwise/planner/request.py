@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shardwise.planner import capabilities
 from shardwise.planner.activations import CHECKPOINTING, Checkpointing
 from shardwise.planner.architecture import ModelSpec
 from shardwise.planner.errors import PlanInputError
@@ -33,9 +34,14 @@ class TrainingSettings:
     global_batch_size: int | None = None  # None = one sample per GPU used (stated default)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
+    lora_alpha: float | None = None  # None = 2 x rank (LLaMA-Factory's default)
+    lora_dropout: float = 0.0
     trainable_fraction: float = 0.1  # freeze: share of the (last) transformer layers trained
     optimizer: str = "adamw"
     learning_rate: float = 1e-5  # AdamW peak learning rate, written into the DeepSpeed config
+    # The job trains pretrained weights (a Hugging Face model directory). LoRA / QLoRA / freeze
+    # always do; a full fine-tune does when the job names a model directory.
+    pretrained: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,10 +57,23 @@ class TrainingSettings:
         for target in self.lora_targets:
             if target not in LORA_TARGETS:
                 raise PlanInputError(f"unknown LoRA target {target!r} (one of {', '.join(LORA_TARGETS)})")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise PlanInputError(f"LoRA alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise PlanInputError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.learning_rate <= 1:
             raise PlanInputError(f"learning rate must be in (0, 1], got {self.learning_rate}")
         if not 0 < self.trainable_fraction <= 1:
             raise PlanInputError(f"trainable fraction must be in (0, 1], got {self.trainable_fraction}")
+
+    @property
+    def model_source(self) -> str:
+        """``builtin`` or ``pretrained``: the row of the trainer's capability table that applies."""
+        return capabilities.model_source_for(self.method, self.pretrained)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +144,9 @@ class PlannerSettings:
     prefetch_bucket_elements: int = 50_000_000
     # How many next-best layouts a result keeps.
     alternatives: int = 5
+    # Plan only what shardwise's trainer runs (capabilities.TABLE). False plans every layout
+    # DeepSpeed allows: the memory model's own tests, and what-if studies for another trainer.
+    respect_runtime: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from shardwise.planner import activations as act
+from shardwise.planner import capabilities as caps
 from shardwise.planner.architecture import Architecture
 from shardwise.planner.cost import stage_maxima, step_flops, step_time, step_time_model
 from shardwise.planner.errors import PlanInputError
@@ -51,6 +52,8 @@ REASON_TP_HEADS = "TP does not divide the heads, kv heads, ffn size and vocabula
 REASON_PP_GPUS = "TP x PP does not divide the GPU count"
 REASON_PP_LAYERS = "PP above the layer count"
 REASON_ZERO_PP = "ZeRO stage 2/3 with PP > 1 (DeepSpeed refuses it)"
+#: Prefix of the rejections the trainer's capability table makes (planning.py reads it).
+REASON_RUNTIME_PREFIX = "the trainer cannot run"
 
 
 def tp_misfit(arch: Architecture | None, tp: int) -> str | None:
@@ -196,6 +199,11 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     global_batch = ctx.global_batch
 
     arch = ctx.arch
+    method = ctx.method
+    source = request.training.model_source
+    # Sequence parallelism is planned only where the trainer runs it (capabilities.TABLE).
+    respect = request.settings.respect_runtime
+    sp_runs = not respect or any(c.sequence_parallel for c in caps.rows(method, source))
     if pins.tp is None and arch is not None:
         excluded = [tp for tp in divisors(gpn) if tp_misfit(arch, tp) is not None]
         if excluded:
@@ -209,7 +217,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
             too_deep = sum(1 for pp in divisors(gpus // tp) if pp > limit)
             if too_deep:
                 rejections.add(REASON_PP_LAYERS, too_deep)
-        sps = [pins.sequence_parallel] if pins.sequence_parallel is not None else [tp > 1]
+        sps = [pins.sequence_parallel] if pins.sequence_parallel is not None else [tp > 1 and sp_runs]
         for pp in _pp_candidates(request, tp):
             if gpus % (tp * pp):
                 # A pinned PP with a TP that leaves no whole data-parallel replica.
@@ -253,6 +261,18 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                 if not offloads:
                     rejections.add(f"offload={pins.offload} is not possible with ZeRO stage {zero}")
                 for offload in offloads:
+                    runnable_sps = []
+                    for sp in sps:
+                        refused = None if not respect else caps.refusal(
+                            method=method, model=source, tp=tp, pp=pp, sequence_parallel=bool(sp),
+                            zero_stage=zero, offload=offload,
+                        )  # fmt: skip
+                        if refused is None:
+                            runnable_sps.append(sp)
+                        else:
+                            rejections.add(refused, len(ckpts))
+                    if not runnable_sps:
+                        continue
                     base: list[int] = []
                     host_max = 0
                     for c in reps:
@@ -262,7 +282,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                         host_max = max(host_max, host)
                     host_node = cpu_memory_per_node(host_max, gpn)
                     host_short = node_memory is not None and host_node > node_memory
-                    for sp in sps:
+                    for sp in runnable_sps:
                         for ck in ckpts:
                             considered += 1
                             if host_short:

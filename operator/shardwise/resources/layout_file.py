@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardwise.planner import Evaluation, Layout, PlanRequest, PlanResult
+from shardwise.planner.methods import first_trainable_layer
 from shardwise.resources.deepspeed_config import deepspeed_config_for
 
 LAYOUT_VERSION = 1
@@ -16,6 +17,8 @@ def layout_document(request: PlanRequest, evaluation: Evaluation) -> dict[str, A
     model = request.model
     training = request.training
     lora = training.method in ("lora", "qlora")
+    freeze = training.method == "freeze"
+    arch = model.architecture
     layout = evaluation.layout
     per_stage = []
     for stage, memory in enumerate(evaluation.per_stage):
@@ -45,6 +48,16 @@ def layout_document(request: PlanRequest, evaluation: Evaluation) -> dict[str, A
             "global_batch_size": request.global_batch_size,
             "lora_rank": training.lora_rank if lora else None,
             "lora_targets": list(training.lora_targets) if lora else [],
+            "lora_alpha": training.effective_lora_alpha if lora else None,
+            "lora_dropout": training.lora_dropout if lora else None,
+            "trainable_fraction": training.trainable_fraction if freeze else None,
+            # freeze: layers [0, first_trainable_layer) are frozen, with the embedding
+            "first_trainable_layer": (
+                first_trainable_layer(arch.layers, training.trainable_fraction)
+                if freeze and arch is not None
+                else 0
+            ),
+            "model_source": training.model_source,
             "optimizer": training.optimizer,
         },
         "layout": layout.to_dict(),

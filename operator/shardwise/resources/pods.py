@@ -30,6 +30,8 @@ from shardwise.resources.names import (
 from shardwise.resources.owner import child_metadata
 
 DEFAULT_TRAINER_COMMAND: Final = ("python", "-m", "shardwise_trainer")
+#: The kubelet's default terminationMessagePath; set explicitly so the trainer is told where it is.
+TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 
 # Variables torchrun or the operator set; a template that sets them would silently break the
@@ -137,7 +139,9 @@ def torchrun_command(job: dict[str, Any], shape: PodShape, node_rank: int, user_
     ]
 
 
-def contract_env(job: dict[str, Any], shape: PodShape, node_rank: int) -> list[dict[str, Any]]:
+def contract_env(
+    job: dict[str, Any], shape: PodShape, node_rank: int, termination_path: str = TERMINATION_MESSAGE_PATH
+) -> list[dict[str, Any]]:
     """The SHARDWISE_* variables of the layout contract, set on the trainer container."""
     meta = job["metadata"]
 
@@ -157,6 +161,7 @@ def contract_env(job: dict[str, Any], shape: PodShape, node_rank: int) -> list[d
         {"name": "SHARDWISE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
         {"name": "SHARDWISE_CHECKPOINT_DIR", "value": shape.checkpoint_dir},
         {"name": "SHARDWISE_CHECKPOINT_EVERY", "value": str(shape.checkpoint_every)},
+        {"name": "SHARDWISE_TERMINATION_LOG", "value": termination_path},
     ]
     return env
 
@@ -193,7 +198,12 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
     user_argv = [*(container.get("command") or []), *(container.get("args") or [])]
     container["command"] = torchrun_command(job, shape, node_rank, user_argv)
     container.pop("args", None)
-    container["env"] = [*(container.get("env") or []), *contract_env(job, shape, node_rank)]
+    # The trainer writes its exit code and failure reason there (lifecycle.trainer_reason).
+    termination_path = str(container.setdefault("terminationMessagePath", TERMINATION_MESSAGE_PATH))
+    container["env"] = [
+        *(container.get("env") or []),
+        *contract_env(job, shape, node_rank, termination_path),
+    ]
 
     res = container.setdefault("resources", {})
     gpus = str(shape.gpus_per_node)

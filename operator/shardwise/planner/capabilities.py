@@ -1,0 +1,215 @@
+"""What this trainer runs: the one capability table the planner and the operator's admission consult.
+
+Standard library only. The operator keeps a byte-identical copy in
+``operator/shardwise/planner/capabilities.py`` (it never imports the trainer); a unit test holds
+the two files equal, and another checks that every layout the planner can return is a row here.
+
+A row says which layouts of a (method, model source) pair run. ``model`` is ``builtin`` (the
+trainer's own randomly initialised decoder, any TP / PP) or ``pretrained`` (a Hugging Face model
+directory: ``--hf-model DIR``). Anything not in the table is refused with :func:`refusal`'s reason
+before a pod starts: by the planner (the layout is never chosen), at admission (``Planned=False``,
+reason ``UnsupportedByRuntime``) and by the trainer itself (exit 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+BUILTIN: Final = "builtin"
+PRETRAINED: Final = "pretrained"
+MODEL_SOURCES: Final = (BUILTIN, PRETRAINED)
+
+#: Methods that need pretrained weights: adapting, freezing or serving a random model is meaningless.
+PRETRAINED_ONLY_METHODS: Final = ("lora", "qlora", "freeze", "inference")
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One runnable family of layouts; ``max_tp`` / ``max_pp`` 0 = any degree."""
+
+    method: str
+    model: str
+    max_tp: int
+    max_pp: int
+    sequence_parallel: bool
+    zero_stages: tuple[int, ...]
+    #: ZeRO stages allowed together with pipeline parallelism (DeepSpeed's pipeline engine: 0, 1).
+    pipeline_zero_stages: tuple[int, ...]
+    #: Offload kinds; DeepSpeed's own rules apply on top (optimizer from ZeRO 1, all = ZeRO 3).
+    offloads: tuple[str, ...]
+    #: Why the rest is not here (quoted in refusals).
+    limits: str
+
+
+TABLE: Final[tuple[Capability, ...]] = (
+    Capability(
+        "full",
+        BUILTIN,
+        max_tp=0,
+        max_pp=0,
+        sequence_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        pipeline_zero_stages=(0, 1),
+        offloads=("none", "optimizer", "all"),
+        limits="tensor parallelism runs without sequence parallelism; offload needs pp=1",
+    ),
+    Capability(
+        "full",
+        PRETRAINED,
+        max_tp=1,
+        max_pp=1,
+        sequence_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        pipeline_zero_stages=(),
+        offloads=("none", "optimizer", "all"),
+        limits="a pretrained model runs data parallel (ZeRO 0-3) with tp=1, pp=1",
+    ),
+    Capability(
+        "lora",
+        PRETRAINED,
+        max_tp=1,
+        max_pp=1,
+        sequence_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        pipeline_zero_stages=(),
+        offloads=("none", "optimizer", "all"),
+        limits="LoRA runs data parallel (ZeRO 0-3) with tp=1, pp=1",
+    ),
+    Capability(
+        "qlora",
+        PRETRAINED,
+        max_tp=1,
+        max_pp=1,
+        sequence_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        pipeline_zero_stages=(),
+        offloads=("none", "optimizer"),
+        limits="QLoRA runs data parallel (ZeRO 0-3) with tp=1, pp=1, no parameter offload",
+    ),
+    # inference: no row yet. The planner models it (weights + KV cache); the trainer has no
+    # forward-only run, so a job asking for it is refused at admission (UnsupportedByRuntime).
+    Capability(
+        "freeze",
+        PRETRAINED,
+        max_tp=1,
+        max_pp=1,
+        sequence_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        pipeline_zero_stages=(),
+        offloads=("none", "optimizer", "all"),
+        limits="freeze runs data parallel (ZeRO 0-3) with tp=1, pp=1",
+    ),
+)
+
+#: Planner LoRA target names -> the Hugging Face module they adapt, per model family. Targets
+#: mapped to one module (ChatGLM's fused ``query_key_value`` and ``dense_h_to_4h``) are adapted as
+#: one matrix and must be named together.
+LORA_MODULES: Final[dict[str, dict[str, str]]] = {
+    "llama": {
+        "q": "q_proj",
+        "k": "k_proj",
+        "v": "v_proj",
+        "o": "o_proj",
+        "gate": "gate_proj",
+        "up": "up_proj",
+        "down": "down_proj",
+    },
+    "chatglm": {
+        "q": "query_key_value",
+        "k": "query_key_value",
+        "v": "query_key_value",
+        "o": "dense",
+        "gate": "dense_h_to_4h",
+        "up": "dense_h_to_4h",
+        "down": "dense_4h_to_h",
+    },
+}
+#: Families whose decoder layers use the Llama module names.
+LORA_FAMILY_ALIASES: Final[dict[str, str]] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "custom": "llama",
+    "chatglm": "chatglm",
+}
+
+
+def lora_modules(family: str, targets: tuple[str, ...] | list[str]) -> tuple[str, ...] | str:
+    """The module names LoRA adapts for planner ``targets`` in a ``family``, in first-seen order;
+    a string (the reason) when a target cannot be adapted as named."""
+    table_name = LORA_FAMILY_ALIASES.get(family)
+    if table_name is None:
+        known = ", ".join(sorted(LORA_FAMILY_ALIASES))
+        return f"LoRA is not mapped for model family {family!r} (families: {known})"
+    table = LORA_MODULES[table_name]
+    out: list[str] = []
+    for target in targets:
+        if target not in table:
+            return f"unknown LoRA target {target!r} for family {family} (one of {', '.join(table)})"
+        module = table[target]
+        group = [t for t, m in table.items() if m == module]
+        missing = [t for t in group if t not in targets]
+        if missing:
+            return (
+                f"LoRA target {target!r} is part of the fused {module} matrix in family {family}: "
+                f"name {', '.join(group)} together"
+            )
+        if module not in out:
+            out.append(module)
+    return tuple(out)
+
+
+def model_source_for(method: str, pretrained: bool | None = None) -> str:
+    """The model source a job uses: pretrained when it says so or when its method needs one."""
+    if pretrained or method in PRETRAINED_ONLY_METHODS:
+        return PRETRAINED
+    return BUILTIN
+
+
+def rows(method: str, model: str) -> tuple[Capability, ...]:
+    """The table's rows for a method and model source (empty: it does not run at all)."""
+    return tuple(c for c in TABLE if c.method == method and c.model == model)
+
+
+def refusal(
+    *,
+    method: str,
+    model: str,
+    tp: int,
+    pp: int,
+    sequence_parallel: bool,
+    zero_stage: int,
+    offload: str,
+) -> str | None:
+    """None when the trainer runs this layout, else one sentence naming the limit."""
+    candidates = rows(method, model)
+    if not candidates:
+        runnable = sorted({f"{c.method} ({c.model})" for c in TABLE})
+        if method in PRETRAINED_ONLY_METHODS and model == BUILTIN:
+            return (
+                f"the trainer cannot run method {method} on its built-in model: it needs a pretrained "
+                "model (a Hugging Face model directory)"
+            )
+        return (
+            f"the trainer cannot run method {method} with a {model} model yet (it runs {', '.join(runnable)})"
+        )
+    reasons: list[str] = []
+    for c in candidates:
+        if c.max_tp and tp > c.max_tp:
+            reasons.append(f"tp={tp}: {c.limits}")
+        elif c.max_pp and pp > c.max_pp:
+            reasons.append(f"pp={pp}: {c.limits}")
+        elif sequence_parallel and not c.sequence_parallel:
+            reasons.append(f"sequence parallelism is not run: {c.limits}")
+        elif zero_stage not in c.zero_stages:
+            reasons.append(f"ZeRO stage {zero_stage}: {c.limits}")
+        elif pp > 1 and zero_stage not in c.pipeline_zero_stages:
+            reasons.append(f"ZeRO stage {zero_stage} with pp={pp}: DeepSpeed's pipeline engine runs ZeRO 0-1")
+        elif offload not in c.offloads:
+            reasons.append(f"offload={offload}: {c.limits}")
+        elif offload != "none" and pp > 1:
+            reasons.append(f"offload={offload} with pp={pp}: {c.limits}")
+        else:
+            return None
+    return f"the trainer cannot run method {method} ({model} model) with " + "; ".join(reasons)

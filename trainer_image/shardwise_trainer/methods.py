@@ -1,0 +1,101 @@
+"""Fine-tuning methods on a pretrained model: which parameters train (full, LoRA, QLoRA, freeze).
+
+The same choices as the planner (``shardwise.planner.memory.stage_counts``), so the trainable
+parameter count equals the plan's exactly:
+
+* full: every weight trains, except a vision tower (text-only fine-tuning of Qwen2-VL);
+* freeze: only decoder layers ``first_trainable_layer`` … L-1 train (``layout.json``); the
+  embedding, the earlier layers, the final norm and the head stay frozen;
+* lora: ``peft`` adapters of rank r on the planned targets, mapped to the family's module names
+  by ``capabilities.LORA_MODULES`` (ChatGLM's fused ``query_key_value`` for q, k, v), scaled
+  alpha / r, no bias; everything else frozen;
+* qlora: the same adapters on a 4-bit NF4 base (``pretrained.load_model``), after
+  ``peft.prepare_model_for_kbit_training``.
+"""
+
+# ruff: noqa: PLC0415 - peft loads lazily, only for LoRA / QLoRA
+from __future__ import annotations
+
+from typing import Any
+
+from shardwise_trainer import capabilities, contract, pretrained
+from shardwise_trainer.contract import Layout
+
+
+def decoder_layers(model: Any, layers: int) -> Any:
+    """The ``nn.ModuleList`` of the language model's decoder layers (``layers`` long)."""
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers and name.split(".")[-1] == "layers":
+            if "visual" in name:
+                continue
+            return module
+    raise contract.ContractError(
+        f"the model has no list of {layers} decoder layers named 'layers'", contract.REASON_INVALID_MODEL
+    )
+
+
+def _freeze_all(model: Any) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_method(model: Any, layout: Layout, family: str, *, checkpointing: bool) -> Any:
+    """Mark what trains; returns the model to train (a ``peft`` model for LoRA / QLoRA)."""
+    method = layout.method
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "freeze":
+        _freeze_all(model)
+        layers = decoder_layers(model, layout.architecture.layers)
+        for layer in list(layers)[layout.first_trainable_layer :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    elif method in ("lora", "qlora"):
+        modules = capabilities.lora_modules(family, layout.lora_targets)
+        if isinstance(modules, str):
+            raise contract.ContractError(modules, contract.REASON_INVALID_MODEL)
+        import peft
+
+        if method == "qlora":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        _freeze_all(model)
+        config = peft.LoraConfig(
+            r=layout.lora_rank,
+            lora_alpha=layout.lora_alpha,
+            lora_dropout=layout.lora_dropout,
+            target_modules=list(modules),
+            # Adapters on the language model only: a vision tower keeps its weights as they are.
+            exclude_modules=r".*visual.*",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = peft.get_peft_model(model, config)
+        except ValueError as exc:
+            raise contract.ContractError(
+                f"LoRA targets {list(modules)}: {exc}", contract.REASON_INVALID_MODEL
+            ) from exc
+    else:
+        raise contract.ContractError(f"method {method!r} is not run on a pretrained model")
+    tower = pretrained.vision_tower(model)
+    if tower is not None:
+        for p in tower.parameters():
+            p.requires_grad_(False)
+    if checkpointing and method != "qlora":  # prepare_model_for_kbit_training enabled it already
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def trainable_parameters(model: Any) -> int:
+    """Trainable parameters at their full (unpartitioned) size, each tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", 0) or p.numel())
+    return total
