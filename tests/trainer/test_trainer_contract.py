@@ -64,7 +64,8 @@ def _mutate(doc: dict[str, Any], section: str, **changes: Any) -> dict[str, Any]
         (_mutate(hand_layout(), "layout", tp=3), "not divisible by tp=3"),
         (_mutate(hand_layout(), "layout", grad_accum=3), "global_batch_size"),
         (_mutate(hand_layout(pp=2), "layout", zero_stage=2), "ZeRO stage 0 or 1"),
-        (_mutate(hand_layout(), "training", method="lora"), "training.method"),
+        (_mutate(hand_layout(), "training", method="lora"), "needs training.lora_rank"),
+        (_mutate(hand_layout(), "training", method="distill"), "training.method"),
         (_mutate(hand_layout(), "training", precision="fp8"), "training.precision"),
         (_mutate(hand_layout(pp=2), "ranks", stage_layers=[[0, 1], [2, 4]]), "not contiguous"),
         (_mutate(hand_layout(), "ranks", order=["tp", "dp", "pp"]), "ranks.order"),
@@ -98,12 +99,21 @@ def test_ds_config_adapted_for_cpu() -> None:
     cpu = dsconfig.adapt(config, layout, on_cpu=True)
     assert cpu.config["train_batch_size"] == 4 and cpu.config["gradient_accumulation_steps"] == 2
     assert "fp16" not in cpu.config and cpu.config["bf16"] == {"enabled": True}
-    assert "offload_optimizer" not in cpu.config["zero_optimization"]
-    assert cpu.config["optimizer"]["params"]["torch_adam"] is True
-    assert len(cpu.changes) == 4, cpu.changes
+    # Offload runs on CPU too, stepped by DeepSpeedCPUAdam (no torch_adam), pin_memory off.
+    assert cpu.config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert "torch_adam" not in cpu.config["optimizer"]["params"]
+    assert len(cpu.changes) == 2, cpu.changes
     gpu = dsconfig.adapt(config, layout, on_cpu=False)
     assert gpu.config["fp16"]["enabled"] and gpu.config["zero_optimization"]["offload_optimizer"]
-    assert gpu.config["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in gpu.config["optimizer"]["params"]
+    plain = {**config, "zero_optimization": {"stage": 2}}
+    assert dsconfig.adapt(plain, layout, on_cpu=True).config["optimizer"]["params"]["torch_adam"] is True
+    pinned = {
+        **config,
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    }
+    off = dsconfig.adapt(pinned, layout, on_cpu=True).config["zero_optimization"]["offload_optimizer"]
+    assert off == {"device": "cpu", "pin_memory": False}
     explicit = {"optimizer": {"type": "Adam", "params": {"torch_adam": False}}}
     assert dsconfig.adapt(explicit, layout, on_cpu=False).config["optimizer"]["params"]["torch_adam"] is False
     assert config["train_batch_size"] == 64  # input untouched
