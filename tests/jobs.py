@@ -79,7 +79,9 @@ class Kubectl:
 
 def install_crd(kubectl: Kubectl, crd_path: str) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", crd_path)
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/paralleltrainingjobs.shardwise.dev")
+    # The API server compiles the CRD's CEL rules before Established; on 2 busy cores that can
+    # take well over a minute, and a slow machine is not a failed install.
+    kubectl("wait", "--for=condition=Established", "--timeout=180s", "crd/paralleltrainingjobs.shardwise.dev")
 
 
 def job_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
