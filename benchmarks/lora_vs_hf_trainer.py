@@ -70,7 +70,8 @@ REFERENCE = textwrap.dedent(
 
     stamp = Stamp()
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro, max_steps=steps,
-                             learning_rate=3e-3, deepspeed=ds_config, logging_strategy="no",
+                             learning_rate=3e-3, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
+                             deepspeed=ds_config, logging_strategy="no",
                              save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                              disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[stamp]).train()
