@@ -145,11 +145,6 @@ def run(opts: RunOptions) -> int:
     if rank == 0:
         for change in adapted.changes:
             log.warning("DeepSpeed config adapted: %s", change)
-    if rank == 0 and bool((layout.raw.get(contract.K_LAYOUT) or {}).get(contract.K_SEQUENCE_PARALLEL)):
-        log.warning(
-            "layout.sequence_parallel is set: this trainer runs tensor parallelism without sequence "
-            "parallelism (norm / dropout activations replicated on the TP group; model states unchanged)"
-        )
     arch = layout.architecture
     built = build.build_model(layout, topo, adapted.config, seed=opts.seed, hf_model_dir=opts.hf_model,
                               hf_config=hf_config, trust_remote_code=opts.trust_remote_code)  # fmt: skip

@@ -339,21 +339,19 @@ class _Pass:
         if not verdicts:
             return None
         verdict = lifecycle.worst(verdicts)
-        where = ""
+        place = ""
         if summary.failures:
             first = summary.failures[0]
             code = lifecycle.effective_exit_code(first)
-            where = f"pod {first.pod}" + (f" on node {first.node}" if first.node else "")
-            where += f" exited with code {code}" if code is not None else f" failed ({first.reason})"
-            where += f": {verdict.why}"
-        else:
-            where = verdict.why
+            place = f"pod {first.pod}" + (f" on node {first.node}" if first.node else "")
+            place += f" exited with code {code}" if code is not None else f" failed ({first.reason})"
+        where = f"{place}: {verdict.why}" if place else verdict.why
         if verdict.verdict == "permanent":
             reason = "TrainerExitedWithError" if verdict.exit_code is not None else "PodFailed"
             told = next((t for t in map(lifecycle.trainer_reason, summary.failures) if t), None)
             if told is not None:  # the trainer named it (bad model, unsupported layout, …)
                 reason, said = told
-                where = f"{where.split(':')[0]}: {said}" if said else where
+                where = f"{place}: {said}" if said else where
             self.finish_failed(reason, where)
             await self.commit()
             await self._delete_live(pods)
