@@ -131,6 +131,9 @@ def with_pods(status: dict[str, Any], summary: PodsSummary, *, now: str, generat
         new.setdefault("completionTime", now)
     elif summary.all_succeeded:
         message = f"all {summary.expected} pods completed successfully"
+        if summary.output_path:
+            new["outputPath"] = summary.output_path
+            message += f"; the result is saved in {summary.output_path}"
         cond(RUNNING, False, "Completed", message)
         cond(SUCCEEDED, True, "AllPodsSucceeded", message)
         new["phase"] = "Succeeded"

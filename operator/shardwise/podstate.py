@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from shardwise.resources.names import LABEL_ATTEMPT, LABEL_NODE_RANK
+
+#: The line a trainer that saved its result leaves in its termination message (the trainer's
+#: contract.TERMINATION_OUTPUT; tests/unit/test_capabilities.py holds the two equal).
+_TRAINER_OUTPUT: Final = re.compile(r"^shardwise\.dev/output=(\S.{0,4000})$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class PodsSummary:
     nodes: tuple[tuple[str, str], ...] = ()  # (pod, node) of every scheduled live pod
     disrupted: tuple[str, ...] = ()  # live pods marked DisruptionTarget (about to be evicted)
     first_created: str | None = None  # earliest creationTimestamp of the attempt's pods
+    output_path: str | None = None  # where the trainer of a succeeded pod saved the result
 
     @property
     def missing(self) -> list[int]:
@@ -73,6 +79,16 @@ def _failure(pod: dict[str, Any]) -> PodFailure:
     )
 
 
+def trainer_output(pod: dict[str, Any]) -> str | None:
+    """The path a succeeded pod's trainer saved its result to, from its termination message."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        match = _TRAINER_OUTPUT.search(str(terminated.get("message") or ""))
+        if match:
+            return match.group(1).rstrip()
+    return None
+
+
 def _disruption_target(pod: dict[str, Any]) -> bool:
     return any(
         c.get("type") == "DisruptionTarget" and c.get("status") == "True"
@@ -101,6 +117,7 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
     nodes: list[tuple[str, str]] = []
     disrupted: list[str] = []
     created: list[str] = []
+    output_path: str | None = None
     for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -125,6 +142,7 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
             running.append(name)
         elif phase == "Succeeded":
             succeeded.append(name)
+            output_path = output_path or trainer_output(pod)
         elif phase == "Failed":
             failures.append(_failure(pod))
         else:
@@ -146,4 +164,5 @@ def summarize(pods: list[dict[str, Any]], *, expected: int, attempt: int) -> Pod
         nodes=tuple(nodes),
         disrupted=tuple(disrupted),
         first_created=min(created) if created else None,
+        output_path=output_path,
     )

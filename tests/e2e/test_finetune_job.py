@@ -121,6 +121,7 @@ def test_a_lora_job_on_a_pretrained_model_succeeds_and_writes_the_adapter(
     assert model_line["source"] == "pretrained" and model_line["trainable_parameters"] == 8192
     [written] = [r for r in records if r.get("event") == "output"]
     assert written["path"] == str(output / "adapter")
+    assert job["status"]["outputPath"] == str(output / "adapter")
     adapter = output / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardwise import lifecycle
+from shardwise import lifecycle, podstate
 from shardwise.inventory import Shape
 from shardwise.planner import Cluster, Pins, PlanRequest, TrainingSettings, gpu, plan, preset
 from shardwise.planner import capabilities as operator_caps
@@ -203,6 +203,12 @@ def test_freeze_layout_names_the_first_trainable_layer() -> None:
     assert outcome.feasible and outcome.document is not None
     assert outcome.document["training"]["first_trainable_layer"] == 24  # last 8 of 32 layers train
     assert contract.parse_layout(outcome.document).first_trainable_layer == 24
+
+
+def test_the_trainer_success_message_names_the_output_path() -> None:
+    terminated = {"exitCode": 0, "message": contract.success_message("/output/my adapter")}
+    pod = {"status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+    assert podstate.trainer_output(pod) == "/output/my adapter"
 
 
 def test_the_trainer_termination_message_names_the_failure_reason() -> None:

@@ -106,6 +106,30 @@ def test_failure_message_names_pod_node_and_exit_code() -> None:
     assert "code 3" in status["message"]
 
 
+def succeeded(rank: int, message: str) -> dict[str, Any]:
+    terminated = {"exitCode": 0, "reason": "Completed", "message": message}
+    return pod(
+        rank, "Succeeded", containerStatuses=[{"name": "trainer", "state": {"terminated": terminated}}]
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "output"),
+    [
+        (["shardwise.dev/exit-code=0\nshardwise.dev/output=/output/adapter\n", ""], "/output/adapter"),
+        (["", "shardwise.dev/output=/out/model"], "/out/model"),
+        (["", ""], None),
+        (["done\nlast log line", "shardwise.dev/output="], None),
+    ],
+)
+def test_a_succeeded_job_says_where_the_result_was_saved(messages: list[str], output: str | None) -> None:
+    pods = [succeeded(rank, message) for rank, message in enumerate(messages)]
+    status = with_pods({}, summarize(pods, expected=2, attempt=0), now=T0, generation=1)
+    assert status["phase"] == "Succeeded"
+    assert status.get("outputPath") == output
+    assert (output is not None and output in status["message"]) or output is None
+
+
 def test_unschedulable_message_carries_the_scheduler_reason() -> None:
     summary = summarize([pod(0, "Pending", **UNSCHEDULABLE)], expected=1, attempt=0)
     status = with_pods({}, summary, now=T0, generation=1)

@@ -118,21 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except contract.ContractError as exc:
         print(f"shardwise-train: {exc}", file=sys.stderr)
-        _write_termination_message(2, exc.reason, str(exc))
+        contract.write_termination_message(contract.termination_message(2, exc.reason, str(exc)))
         return 2
-
-
-def _write_termination_message(code: int, reason: str, message: str) -> None:
-    """Leave the exit code and reason where the operator reads them (the pod's termination
-    message); only when the operator named the file (never /dev/termination-log by default)."""
-    path = contract.env(contract.ENV_TERMINATION_LOG)
-    if not path:
-        return
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(contract.termination_message(code, reason, message))
-    except OSError as exc:  # the message still is on stderr, the pod log
-        print(f"shardwise-train: cannot write the termination message to {path}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

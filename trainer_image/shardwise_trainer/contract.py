@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,8 @@ SUPPORTED_METHODS: Final = tuple(dict.fromkeys(c.method for c in capabilities.TA
 #: exits 1 for any failed worker) and the CamelCase reason the job fails with.
 TERMINATION_EXIT_CODE: Final = "shardwise.dev/exit-code="
 TERMINATION_REASON: Final = "shardwise.dev/reason="
+#: On success: where the trainer saved its result (the job's status.outputPath).
+TERMINATION_OUTPUT: Final = "shardwise.dev/output="
 #: Reasons of exit code 2 (bad input), the job's Failed condition reason.
 REASON_INVALID_LAYOUT: Final = "InvalidLayout"
 REASON_INVALID_MODEL: Final = "InvalidModel"
@@ -246,6 +249,24 @@ def termination_message(exit_code: int, reason: str, message: str) -> str:
     """What the trainer writes to its terminationMessagePath (kubelet cap: 4096 bytes)."""
     text = f"{TERMINATION_EXIT_CODE}{exit_code}\n{TERMINATION_REASON}{reason}\n{message}\n"
     return text.encode()[:4096].decode(errors="ignore")
+
+
+def success_message(output_path: str) -> str:
+    """The termination message of a run that saved its result to ``output_path``."""
+    return f"{TERMINATION_EXIT_CODE}0\n{TERMINATION_OUTPUT}{output_path}\n"
+
+
+def write_termination_message(text: str) -> None:
+    """Leave ``text`` where the operator reads it (the pod's termination message); only when the
+    operator named the file (never /dev/termination-log by default)."""
+    path = env(ENV_TERMINATION_LOG)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:  # the message still is on stderr, the pod log
+        print(f"shardwise-train: cannot write the termination message to {path}: {exc}", file=sys.stderr)
 
 
 def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:

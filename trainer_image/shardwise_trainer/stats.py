@@ -147,22 +147,28 @@ def measure_model_states(module: nn.Module, optimizer: Any) -> ModelStateBytes:
 
 
 class StateMeter:
-    """Samples model states after every backward pass and right before every optimizer step.
+    """Samples model states after backward passes and right before optimizer steps.
 
     The two points bracket the step: after backward the (not yet reduced) gradients are all
     there; before the optimizer step the ZeRO partitions and the optimizer states are. ``peak``
-    is the sample with the largest total.
+    is the sample with the largest total. The states reach their steady size within the first
+    optimizer steps (the optimizer allocates its states lazily at the first), so the meter samples
+    every pass of the first ``warm_steps`` optimizer steps and then one step in ``every``: walking
+    every tensor of a large model on each micro-step costs what a small model's step does.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, warm_steps: int = 3, every: int = 50) -> None:
         self.module, self.optimizer = engine.module, engine.optimizer
         self.last = ModelStateBytes()
         self.peak = ModelStateBytes()
         self.seconds = 0.0  # time spent sampling (the trainer's own overhead)
+        self.optimizer_steps = 0
+        self._warm_steps, self._every = warm_steps, max(1, every)
         original_step: Callable[..., Any] = self.optimizer.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
             self.sample()
+            self.optimizer_steps += 1
             return original_step(*args, **kwargs)
 
         self.optimizer.step = step
@@ -181,8 +187,16 @@ class StateMeter:
 
             engine._INSTRUCTION_MAP = {**imap, schedule.BackwardPass: backward_pass}
 
+    @property
+    def due(self) -> bool:
+        """Whether this optimizer step is one the meter samples."""
+        n = self.optimizer_steps
+        return n < self._warm_steps or n % self._every == 0
+
     def sample(self) -> None:
-        """Measure now; keep the largest total."""
+        """Measure now, if this step is due; keep the largest total."""
+        if not self.due:
+            return
         t0 = time.perf_counter()
         self.last = measure_model_states(self.module, self.optimizer)
         self.seconds += time.perf_counter() - t0

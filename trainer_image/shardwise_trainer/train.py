@@ -31,6 +31,8 @@ from shardwise_trainer import contract, pretrained  # imports transformers only 
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer")
+#: Least time between two rewrites of a rank's stats file (the first and last step always write).
+STATS_REFRESH_SECONDS = 0.5
 
 
 @dataclass
@@ -230,6 +232,7 @@ def run(opts: RunOptions) -> int:
     # What the trainer adds to a plain DeepSpeed loop, timed: model-state sampling, the loss
     # all-reduce, the end-of-step barrier, the stats file and the JSON line.
     bookkeeping = 0.0
+    stats_written = 0.0
     loop_start = time.perf_counter()
     for step in range(start_step, opts.steps):
         t0 = time.perf_counter()
@@ -253,41 +256,47 @@ def run(opts: RunOptions) -> int:
                 engine.step()
                 total += loss.detach().float()
             loss_t = total / layout.grad_accum
-            if layout.dp > 1:
-                t_reduce = time.perf_counter()
-                dist.all_reduce(loss_t, group=topo.dp_group)
-                loss_t /= layout.dp
-                bookkeeping += time.perf_counter() - t_reduce
-        loss_value = float(loss_t)
         if slow_factor > 1.0:  # test-only straggler: stretch this rank's step
             time.sleep((slow_factor - 1.0) * (time.perf_counter() - t0))
         t1 = time.perf_counter()
-        dist.barrier()
+        # One collective closes the step: every rank waits here for the slowest (``wait``, what
+        # the straggler analysis reads), and without pipeline stages the same all-reduce averages
+        # the loss over the replicas (TP ranks hold equal losses: the world mean is the DP mean).
+        if topo.world_size > 1 and layout.pp == 1:
+            dist.all_reduce(loss_t)
+            loss_t /= topo.world_size
+        elif topo.world_size > 1:
+            dist.barrier()
         wait = time.perf_counter() - t1
+        loss_value = float(loss_t)
         step_seconds = t1 - t0
         done = step + 1
         t_stats = time.perf_counter()
-        mem = dict(dev.memory())
-        peak = meter.peak
-        mem.update(
-            parameters=peak.parameters, gradients=peak.gradients, optimizer_states=peak.optimizer_states
-        )
-        metrics.write_rank_stats(
-            stats_dir,
-            rank,
-            {
-                "labels": labels,
-                "step": done,
-                "step_seconds": step_seconds,
-                "wait_seconds": wait,
-                "tokens_per_second": replica_tokens / step_seconds,
-                "loss": loss_value,
-                "memory_bytes": mem,
-                "model_state_bytes": peak.total,
-                "predicted_model_state_bytes": predicted,
-                "last_update_timestamp_seconds": time.time(),
-            },
-        )
+        # The stats file is what the pod's endpoint serves and the operator scrapes every few
+        # seconds: refreshing it more often than STATS_REFRESH_SECONDS only costs step time.
+        if done in (start_step + 1, opts.steps) or t_stats - stats_written >= STATS_REFRESH_SECONDS:
+            stats_written = t_stats
+            mem = dict(dev.memory())
+            peak = meter.peak
+            mem.update(
+                parameters=peak.parameters, gradients=peak.gradients, optimizer_states=peak.optimizer_states
+            )
+            metrics.write_rank_stats(
+                stats_dir,
+                rank,
+                {
+                    "labels": labels,
+                    "step": done,
+                    "step_seconds": step_seconds,
+                    "wait_seconds": wait,
+                    "tokens_per_second": replica_tokens / step_seconds,
+                    "loss": loss_value,
+                    "memory_bytes": mem,
+                    "model_state_bytes": peak.total,
+                    "predicted_model_state_bytes": predicted,
+                    "last_update_timestamp_seconds": time.time(),
+                },
+            )
         if rank == 0:
             _emit(
                 {
@@ -329,6 +338,7 @@ def run(opts: RunOptions) -> int:
             # probe_loss: the saved model's loss on samples 0 … micro_batch-1 (eval mode), which a
             # fresh process loading the output reproduces.
             _emit({"event": "output", "path": saved, "method": layout.method, "probe_loss": probe})
+            contract.write_termination_message(contract.success_message(saved))
     peak = meter.peak
     summary = {
         "event": "rank",
