@@ -37,9 +37,13 @@ NAMESPACED_PERMISSIONS: frozenset[tuple[str, str]] = frozenset(
         ("services", "create"),
         ("services", "get"),
         ("services", "patch"),
+        ("services", "list"),
+        ("services", "watch"),
         ("configmaps", "create"),
         ("configmaps", "get"),
         ("configmaps", "patch"),
+        ("configmaps", "list"),
+        ("configmaps", "watch"),
         ("events", "create"),
     }
 )

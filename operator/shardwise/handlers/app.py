@@ -21,6 +21,7 @@ from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
 from shardwise.jobstatus import finished
+from shardwise.kube.children import controller_uid
 from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
@@ -69,6 +70,10 @@ class Controller:
             nodes=lambda: [v for vs in self.indexes.get("shardwise_nodes", {}).values() for v in vs],
             bound_pods=lambda: _store_values(self.indexes.get("shardwise_bound_pods", {}), None),
             job_pods=lambda key: _store_values(self.indexes.get("shardwise_job_pods", {}), key),
+            job_children=lambda key: [
+                *_store_values(self.indexes.get("shardwise_job_configmaps", {}), key),
+                *_store_values(self.indexes.get("shardwise_job_services", {}), key),
+            ],
         )
 
     async def start(self) -> None:
@@ -150,8 +155,18 @@ class Controller:
 CONTROLLER = Controller()
 
 
+INDEXES = (
+    "shardwise_jobs",
+    "shardwise_nodes",
+    "shardwise_bound_pods",
+    "shardwise_job_pods",
+    "shardwise_job_configmaps",
+    "shardwise_job_services",
+)
+
+
 def _remember_indexes(kwargs: dict[str, Any]) -> None:
-    for name in ("shardwise_jobs", "shardwise_nodes", "shardwise_bound_pods", "shardwise_job_pods"):
+    for name in INDEXES:
         if name in kwargs:
             CONTROLLER.indexes[name] = kwargs[name]
 
@@ -219,6 +234,36 @@ async def shardwise_job_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
     return {(namespace, labels[LABEL_JOB]): _plain(body)}
+
+
+def _child(kind: str, body: kopf.Body) -> dict[str, Any]:
+    """Only what the pass checks: that the job's child exists and the job controls it."""
+    return {"kind": kind, "name": body["metadata"].get("name"), "owner": controller_uid(dict(body))}
+
+
+@kopf.index("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+async def shardwise_job_configmaps(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): _child("ConfigMap", body)}
+
+
+@kopf.index("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+async def shardwise_job_services(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): _child("Service", body)}
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+async def _job_child_event(
+    event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, **kwargs: Any
+) -> None:
+    _remember_indexes(kwargs)
+    if event.get("type") == "DELETED":
+        # Only the absence matters: the job's pass restores a deleted child.
+        CONTROLLER.queue.add((namespace or "", labels[LABEL_JOB]))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

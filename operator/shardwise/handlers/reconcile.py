@@ -24,6 +24,8 @@ from shardwise.jobstatus import (
     Event,
     changed_events,
     finished,
+    needs_plan,
+    planned_generation,
     status_patch,
     with_plan,
     with_plan_failure,
@@ -36,7 +38,13 @@ from shardwise.metrics.analysis import ConditionValue
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
-from shardwise.resources.names import API_VERSION, KIND, LABEL_ATTEMPT, configmap_name
+from shardwise.resources.names import (
+    API_VERSION,
+    KIND,
+    LABEL_ATTEMPT,
+    configmap_name,
+    service_name,
+)
 from shardwise.resources.pods import PodShape, TemplateError, build_pod
 from shardwise.resources.service import build_service
 
@@ -66,6 +74,8 @@ class ClusterView:
     nodes: Callable[[], list[dict[str, Any]]]
     bound_pods: Callable[[], list[dict[str, Any]]]
     job_pods: Callable[[JobKey], list[dict[str, Any]]]
+    # The job's ConfigMaps and Services as the watch last saw them (kind, name, controller uid).
+    job_children: Callable[[JobKey], list[dict[str, Any]]]
 
 
 def _version(obj: dict[str, Any]) -> int:
@@ -231,7 +241,13 @@ class _Pass:
             await self._delete(stale)
             return REQUEUE_TERMINATING
 
-        if not self._planned():
+        # Planned after the backoff: the next attempt's plan sees the inventory it will start on,
+        # and a plan recorded in status is always written to the ConfigMap in the same pass.
+        wait = self._backoff_wait()
+        if wait is not None:
+            return wait
+
+        if needs_plan(self.status, self.generation, attempt_started=bool(pods)):
             outcome = self._plan()
             if not outcome.feasible or outcome.layout_status is None:
                 self.log.info("not planned: %s: %s", outcome.reason, outcome.message)
@@ -245,9 +261,16 @@ class _Pass:
             self.log.info("planned %s", outcome.layout_status.get("summary"))
             self._planned_outcome = outcome
 
-        wait = self._backoff_wait()
-        if wait is not None:
-            return wait
+        if pods and self._children_missing():
+            # Deleted under a running attempt: restored now, not at the next restart (a pod that
+            # is still to start needs the ConfigMap volume, the rendezvous needs the Service).
+            try:
+                await self._ensure_shared_children(self._planned_outcome)
+            except ChildConflictError as exc:
+                self.status = with_plan_failure(
+                    self.status, "ChildConflict", str(exc), now=self.now, generation=self.generation
+                )
+                return None
 
         layout = self.status["layout"]
         shape = PodShape(
@@ -285,8 +308,16 @@ class _Pass:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def _planned(self) -> bool:
-        return is_true(self.status.get("conditions") or [], PLANNED) and bool(self.status.get("layout"))
+    def _children_missing(self) -> bool:
+        """The Service or the layout ConfigMap is gone from the watch cache."""
+        uid = self.meta.get("uid")
+        have = {
+            (c.get("kind"), c.get("name"))
+            for c in self.r.view.job_children(self.key)
+            if c.get("owner") == uid
+        }
+        wanted = {("Service", service_name(self.key[1])), ("ConfigMap", configmap_name(self.key[1]))}
+        return not wanted <= have
 
     def _backoff_wait(self) -> float | None:
         due = self.status.get("nextAttemptTime")
@@ -559,7 +590,11 @@ class _Pass:
         raise inventory.InventoryError("InsufficientGpus", "no GPUs left")
 
     async def _ensure_shared_children(self, outcome: PlanOutcome | None) -> None:
-        """The Service and the layout ConfigMap, needed before any pod can start."""
+        """The Service and the layout ConfigMap, needed before any pod can start.
+
+        With this pass's plan, the ConfigMap is written from it (patched if it holds another):
+        the document and status.layout always come from the same plan.
+        """
         if outcome is not None and outcome.document is not None:
             await asyncio.gather(
                 ensure(self.r.kube, build_service(self.job)),
@@ -567,19 +602,23 @@ class _Pass:
             )
             return
         await ensure(self.r.kube, build_service(self.job))
-        if outcome is None or outcome.document is None:
-            try:
-                await self.r.kube.get("v1", "ConfigMap", self.key[0], configmap_name(self.key[1]))
-                return
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-            # The ConfigMap vanished after planning: plan again pinned to the recorded layout,
-            # which reproduces the same document.
-            outcome = self._plan(pins=self.status["layout"])
-            if outcome.document is None:
-                raise ChildConflictError(
-                    f"ConfigMap {configmap_name(self.key[1])} is missing and the recorded layout"
-                    f" can no longer be planned: {outcome.message}"
-                )
+        try:
+            await self.r.kube.get("v1", "ConfigMap", self.key[0], configmap_name(self.key[1]))
+            return
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        # The ConfigMap vanished after planning: plan again pinned to the recorded layout, which
+        # reproduces the same document while the spec is the one it was planned for.
+        outcome = self._plan(pins=self.status["layout"])
+        if outcome.document is None or outcome.layout_status is None:
+            raise ChildConflictError(
+                f"ConfigMap {configmap_name(self.key[1])} is missing and the recorded layout"
+                f" can no longer be planned: {outcome.message}"
+            )
+        if planned_generation(self.status) != self.generation:
+            # The spec changed since: the restored document is this spec's, so is status.layout.
+            self.status = with_plan(
+                self.status, outcome.layout_status, outcome.message, now=self.now, generation=self.generation
+            )
         await ensure(self.r.kube, build_configmap(self.job, outcome.document))
