@@ -9,6 +9,7 @@ endpoint on, a stats byte cap the tests exercise); nothing of the Kubernetes API
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,3 +145,154 @@ def test_a_training_change_reaches_the_next_attempt_from_one_plan(
     )
     assert_one_plan(kubectl, namespace, "retune", 128)
     assert kubectl.job(namespace, "retune")["status"]["attempt"] == 2  # restored, not restarted
+
+
+# -- 3. pods the API server refuses --------------------------------------------------------------
+
+
+def test_a_quota_refused_rank_backs_off_with_the_quota_message(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "gpus", "namespace": namespace},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "6"}},
+    }
+    kubectl.apply(quota)
+    wait_for(
+        "quota computed",
+        lambda: (kubectl.json("get", "resourcequota", "gpus", "-n", namespace).get("status") or {}).get(
+            "hard"
+        ),
+        timeout=60,
+    )
+    kubectl.apply(small_job("quota", namespace, nodes=2, gpus=4))  # 8 GPUs: rank 1 is refused
+    started = time.monotonic()
+    job = wait_for(
+        "PodCreateFailed",
+        lambda: (
+            condition_is(j := kubectl.job(namespace, "quota"), "Running", "False", "PodCreateFailed") and j
+        ),
+        timeout=TIMEOUT,
+    )
+    message = condition(job, "Running")["message"]  # type: ignore[index]
+    assert "exceeded quota" in message and "requests.nvidia.com/gpu" in message
+
+    time.sleep(max(0.0, 20 - (time.monotonic() - started)))
+    job = kubectl.job(namespace, "quota")
+    events = kubectl.events(namespace, "quota")
+    refused = [e for e in events if e["reason"] == "PodCreateFailed"]
+    attempts = int(job["status"].get("attempt") or 0)
+    print(f"quota: {attempts} attempts, {len(events)} Events ({len(refused)} PodCreateFailed) in 20 s")
+    # Base backoff 1 s doubling, jittered over [d/2, 3d/2): at most ~6 tries in 20 s.
+    assert 1 <= attempts <= 8, attempts
+    assert 1 <= len(refused) <= 8 and len(events) <= 30
+    assert "exceeded quota" in refused[0]["message"]
+    assert job["status"]["createFailures"] == attempts
+    assert job["status"].get("restarts", 0) == 0
+    assert job["status"]["phase"] == "Pending"
+    # No partial gang holds GPUs while the job waits out its backoff.
+    wait_for(
+        "no live pod while waiting",
+        lambda: (
+            not [p for p in kubectl.pods(namespace, "quota") if not p["metadata"].get("deletionTimestamp")]
+            or None
+        ),
+        timeout=30,
+        interval=0.2,
+    )
+
+
+# -- 6. a pod stuck Terminating on a lost node -----------------------------------------------------
+
+
+def silent_node(name: str, product: str) -> dict[str, Any]:
+    """A Ready GPU node no kubelet (and no KWOK) serves: its pods end only if someone force-deletes
+    them, as on a real node that stopped answering."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "2"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "nvidia.com/gpu.product": product,
+                "nvidia.com/gpu.memory": "81559",
+                "nvidia.com/gpu.count": "2",
+            },
+        },
+        "status": {
+            "capacity": resources,
+            "allocatable": dict(resources),
+            "conditions": [
+                {
+                    "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "ready",
+                    "lastHeartbeatTime": now, "lastTransitionTime": now,
+                }
+            ],
+        },
+    }  # fmt: skip
+
+
+def set_ready(kubectl: Kubectl, node: str, ready: bool) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    condition = {
+        "type": "Ready", "status": "True" if ready else "False",
+        "reason": "KubeletReady" if ready else "NodeStatusUnknown", "message": "set by the test",
+        "lastHeartbeatTime": now, "lastTransitionTime": now,
+    }  # fmt: skip
+    kubectl(
+        "patch", "node", node, "--subresource=status", "--type=strategic",
+        "-p", json.dumps({"status": {"conditions": [condition]}}),
+    )  # fmt: skip
+
+
+def test_a_pod_stuck_terminating_on_a_notready_node_does_not_block_the_next_attempt(
+    cluster: Any, kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    product = "NVIDIA-SILENT-80GB"  # only this test's nodes carry it
+    silent = f"silent-{namespace}"
+    kubectl("create", "-f", "-", stdin=json.dumps(silent_node(silent, product)))
+    spare: list[str] = []
+    try:
+        wait_for(
+            "the silent node schedulable",
+            lambda: not (kubectl.json("get", "node", silent)["spec"].get("taints")),
+            timeout=60,
+        )
+        resources = {"nodes": 1, "gpusPerNode": 2, "gpuProduct": product}
+        kubectl.apply(job_manifest("lost", namespace, resources=resources))
+        pod = wait_for(
+            "the pod bound to the silent node",
+            lambda: [p for p in kubectl.pods(namespace, "lost") if p["spec"].get("nodeName") == silent],
+            timeout=TIMEOUT,
+        )[0]
+        name = pod["metadata"]["name"]
+        # What its kubelet would have reported before it fell silent: the gang runs.
+        kubectl(
+            "patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"phase": "Running", "podIP": "10.99.0.1"}}),
+        )  # fmt: skip
+        wait_for(
+            "Running",
+            lambda: kubectl.job(namespace, "lost")["status"].get("phase") == "Running",
+            timeout=TIMEOUT,
+        )
+        spare = cluster.add_gpu_nodes(1, gpus_per_node=2, gpu_product=product, prefix="spare")
+        # The node is lost: its pod can never end by itself. The taint is what the node lifecycle
+        # controller adds for Ready=False (set here at once, so nothing new lands there meanwhile).
+        kubectl("taint", "node", silent, "node.kubernetes.io/not-ready:NoSchedule")
+        set_ready(kubectl, silent, False)
+
+        (after,) = running(kubectl, namespace, "lost", 1, 1)
+        assert after["spec"]["nodeName"] == spare[0]
+        job = kubectl.job(namespace, "lost")
+        assert job["status"].get("restarts", 0) == 0  # a disruption: the budget is not spent
+        forced = [e for e in kubectl.events(namespace, "lost") if e["reason"] == "PodForceDeleted"]
+        assert len(forced) == 1 and silent in forced[0]["message"]
+    finally:
+        kubectl("delete", "nodes", silent, *spare, "--wait=false")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
+from shardwise import lifecycle
 from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
@@ -56,7 +58,8 @@ class Controller:
     queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     indexes: dict[str, Any] = field(default_factory=dict)
     node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    failures: dict[JobKey, int] = field(default_factory=dict)
+    # Per job: consecutive failed passes and when the last one failed (monotonic seconds).
+    failures: dict[JobKey, tuple[int, float]] = field(default_factory=dict)
     kube: Kube | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -117,7 +120,7 @@ class Controller:
             started = time.perf_counter()
             try:
                 requeue = await reconciler.reconcile(key)
-                self.failures.pop(key, None)
+                self._succeeded(key)
                 if requeue is not None:
                     self.queue.add_after(key, requeue)
             except asyncio.CancelledError:
@@ -136,12 +139,21 @@ class Controller:
                 self.queue.done(key)
 
     def _failed(self, key: JobKey) -> None:
-        """Log the pass's exception and retry the job with exponential backoff."""
-        count = self.failures[key] = self.failures.get(key, 0) + 1
-        delay = min(300.0, 0.5 * 2 ** min(count, 10))
+        """Log the pass's exception and retry the job with jittered exponential backoff."""
+        count = self.failures.get(key, (0, 0.0))[0] + 1
+        self.failures[key] = (count, time.monotonic())
+        delay = failure_backoff(count, random.random())
         self.metrics.reconcile_errors.inc()
         log.exception("ParallelTrainingJob %s/%s: reconcile failed; retry in %.1fs", *key, delay)
         self.queue.add_after(key, delay)
+
+    def _succeeded(self, key: JobKey) -> None:
+        """Forget the job's failures only once it has passed cleanly for a whole backoff period:
+        a job whose passes alternate (an event-driven pass succeeds between failing ones) keeps
+        backing off instead of starting from the shortest delay every time."""
+        entry = self.failures.get(key)
+        if entry is not None and time.monotonic() - entry[1] >= failure_backoff(entry[0], 1.0):
+            del self.failures[key]
 
     def poke_waiting_jobs(self) -> None:
         """Inventory changed: every job that is not finished gets a pass (unplanned ones may fit now)."""
@@ -150,6 +162,12 @@ class Controller:
                 if not finished(job.get("status") or {}):
                     meta = job["metadata"]
                     self.queue.add((meta["namespace"], meta["name"]))
+
+
+def failure_backoff(count: int, draw: float) -> float:
+    """Seconds before retrying a job whose count-th consecutive pass failed: 1 s doubling to 5 min,
+    spread by draw (uniform in [0, 1)) over [d/2, 3d/2)."""
+    return lifecycle.jittered(lifecycle.backoff_seconds(count, 1.0), draw)
 
 
 CONTROLLER = Controller()
