@@ -8,14 +8,22 @@ endpoint on, a stats byte cap the tests exercise); nothing of the Kubernetes API
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, TCPConnector, web
 from tests.jobs import Kubectl, condition, condition_is, job_manifest, wait_for
 from tests.operator_process import OperatorProcess, free_port, running_operator
+
+from shardwise.kube.client import Kube
+from shardwise.kube.events import post_event
 
 pytestmark = pytest.mark.integration
 
@@ -204,6 +212,57 @@ def test_a_quota_refused_rank_backs_off_with_the_quota_message(
     )
 
 
+# -- 4. series of deleted jobs -------------------------------------------------------------------
+
+
+def job_series(metrics: str, namespace: str) -> list[str]:
+    return [line for line in metrics.splitlines() if f'namespace="{namespace}"' in line]
+
+
+def jobs_gauge(metrics: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("shardwise_jobs{")
+    )
+
+
+def test_created_completed_deleted_jobs_leave_no_series(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    batch, cycles = 10, 5
+    for cycle in range(cycles):
+        names = [f"ttl-{cycle}-{i}" for i in range(batch)]
+        items = [small_job(n, namespace, gpus=1, runPolicy={"ttlSecondsAfterFinished": 0}) for n in names]
+        kubectl.apply({"apiVersion": "v1", "kind": "List", "items": items})
+
+        def all_running(names: list[str] = names) -> bool:
+            pods = kubectl.json("get", "pods", "-n", namespace)["items"]
+            up = {
+                p["metadata"]["labels"].get("shardwise.dev/job-name")
+                for p in pods
+                if p["status"].get("phase") == "Running"
+            }
+            return set(names) <= up
+
+        wait_for(f"batch {cycle} running", all_running, timeout=TIMEOUT)
+        time.sleep(1.5)  # the scrape loop picks the running jobs up (and scrapes their pods)
+        kubectl("annotate", "pods", "-n", namespace, "--all", "kwok.shardwise.dev/exit-code=0", "--overwrite")
+        wait_for(
+            f"batch {cycle} deleted",
+            lambda: not kubectl.json("get", "ptj", "-n", namespace)["items"],
+            timeout=TIMEOUT,
+        )
+    time.sleep(4)  # longer than a scrape's timeout: every scrape in flight has ended
+    metrics = operator.metrics()
+    left = job_series(metrics, namespace)
+    every = kubectl.json("get", "ptj", "--all-namespaces")["items"]
+    print(
+        f"{batch * cycles} jobs: {len(left)} series left;"
+        f" shardwise_jobs {jobs_gauge(metrics)} for {len(every)} jobs"
+    )
+    assert left == []
+    assert jobs_gauge(metrics) == len(every)
+
+
 # -- 6. a pod stuck Terminating on a lost node -----------------------------------------------------
 
 
@@ -296,3 +355,62 @@ def test_a_pod_stuck_terminating_on_a_notready_node_does_not_block_the_next_atte
         assert len(forced) == 1 and silent in forced[0]["message"]
     finally:
         kubectl("delete", "nodes", silent, *spare, "--wait=false")
+
+
+# -- 7. an Event POST that timed out -------------------------------------------------------------
+
+
+async def _post_through_a_slow_proxy(cluster: Any, namespace: str) -> int:
+    """post_event through a proxy that forwards the first Event POST but answers only after the
+    client's timeout: the retry must not create a second Event."""
+    config = json.loads(Path(cluster.kubeconfig).read_text())
+    user = config["users"][0]["user"]
+    ctx = ssl.create_default_context(cafile=config["clusters"][0]["cluster"]["certificate-authority"])
+    ctx.load_cert_chain(user["client-certificate"], user["client-key"])
+    upstream = ClientSession(connector=TCPConnector(ssl=ctx))
+    slowed = 0
+
+    async def forward(request: web.Request) -> web.Response:
+        nonlocal slowed
+        body = await request.read()
+        async with upstream.request(
+            request.method, cluster.server + request.path_qs, data=body,
+            headers={k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")},
+        ) as answer:  # fmt: skip
+            payload = await answer.read()
+            status = answer.status
+        if request.method == "POST" and request.path.endswith("/events") and not slowed:
+            slowed += 1
+            await asyncio.sleep(2.5)  # written upstream; the client gave up after 1 s
+        return web.Response(body=payload, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    from kubernetes_asyncio import client as k8s_client  # noqa: PLC0415
+
+    kube = Kube(
+        api=k8s_client.ApiClient(k8s_client.Configuration(host=f"http://127.0.0.1:{port}")),
+        attempts=3, base_delay=0.05, timeout_seconds=1.0,
+    )  # fmt: skip
+    job = {"metadata": {"name": "ghost", "namespace": namespace, "uid": "0000"}}
+    try:
+        await post_event(kube, job, "Normal", "Probe", "posted once")
+    finally:
+        await kube.close()
+        await upstream.close()
+        await runner.cleanup()
+    return slowed
+
+
+def test_an_event_post_that_timed_out_is_posted_once(cluster: Any, kubectl: Kubectl, namespace: str) -> None:
+    assert asyncio.run(_post_through_a_slow_proxy(cluster, namespace)) == 1
+    events = [e for e in kubectl.events(namespace, "ghost") if e["reason"] == "Probe"]
+    print(f"event: {len(events)} Event(s) for one post")
+    assert len(events) == 1

@@ -97,15 +97,28 @@ class Controller:
     def _all_jobs(self) -> list[dict[str, Any]]:
         return [job for values in self.indexes.get("shardwise_jobs", {}).values() for job in values]
 
-    def _observed(self, key: JobKey, status: dict[str, Any]) -> None:
+    def alive(self, key: JobKey, uid: str) -> bool:
+        """The watch still holds this job with this uid (kopf drops a deleted object from its
+        indexes before our DELETED handler runs, so a gone job is never seen alive again)."""
+        job = _store_values(self.indexes.get("shardwise_jobs", {}), key)
+        return bool(job) and (job[0].get("metadata") or {}).get("uid") == uid
+
+    def _observed(self, key: JobKey, uid: str, status: dict[str, Any]) -> None:
+        # A pass that ends after the job's DELETED event (the pass that deleted it, say) must not
+        # bring its series back: only observations of the job the watch still holds count.
+        if not self.alive(key, uid):
+            return
         self.metrics.observe_job(key, status)
         self.exporter.observe_status(key[0], key[1], status)
 
     def forget(self, key: JobKey) -> None:
-        """The job is gone: no work, no series left behind."""
+        """The job is gone: no work, no series, no counters left behind."""
         self.queue.forget(key)
+        self.failures.pop(key, None)
         self.metrics.forget_job(key)
         self.exporter.forget_job(*key)
+        if self.monitor is not None:
+            self.monitor.forget(key)
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -316,3 +329,5 @@ async def _node_event(event: kopf.RawEvent, name: str, body: kopf.Body, **kwargs
     if CONTROLLER.node_signatures.get(name) != signature:
         CONTROLLER.node_signatures[name] = signature
         CONTROLLER.poke_waiting_jobs()
+    if event.get("type") == "DELETED":
+        CONTROLLER.node_signatures.pop(name, None)

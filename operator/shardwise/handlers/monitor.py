@@ -78,6 +78,14 @@ class Monitor:
                 except Exception:
                     log.exception("scrape loop pass failed")
 
+    def forget(self, key: JobKey) -> None:
+        """The job is gone: its windows go; a scrape still in flight finds it gone and drops its result."""
+        self.watched.pop(key, None)
+
+    def _alive(self, key: JobKey, uid: str) -> bool:
+        job = self.view.job(key)
+        return job is not None and (job.get("metadata") or {}).get("uid") == uid
+
     async def _tick(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore) -> None:
         now = time.monotonic()
         running: set[JobKey] = set()
@@ -134,6 +142,8 @@ class Monitor:
             pages = await fetch_pages(session, urls, limit=limit)
             settings = AnalysisSettings.from_monitoring((job.get("spec") or {}).get("monitoring"))
             outcome = observe_pass(entry.state, pages, entry.plan, settings)
+            if not self._alive(key, entry.uid) or self.watched.get(key) is not entry:
+                return  # the job (or this attempt) went while the scrape was in flight
             entry.state = outcome.state
             self.exporter.update_job(key[0], key[1], outcome.analysis)
             for failed in outcome.failed_pods:

@@ -113,7 +113,8 @@ class Reconciler:
     kube: Kube
     view: ClusterView
     now: Callable[[], str] = _now
-    on_pass: Callable[[JobKey, dict[str, Any]], None] | None = None
+    # Called with (key, the job's uid, the status the pass left).
+    on_pass: Callable[[JobKey, str, dict[str, Any]], None] | None = None
     restart_backoff_seconds: float = 10.0
     # The monitor's latest StragglerDetected / MemoryImbalanced findings for a running job.
     findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
@@ -144,7 +145,7 @@ class Reconciler:
         requeue = await pass_.run()
         await pass_.commit()
         if self.on_pass is not None:
-            self.on_pass(key, pass_.status)
+            self.on_pass(key, str(job["metadata"].get("uid") or ""), pass_.status)
         return requeue
 
 
