@@ -103,6 +103,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "operator": {
             "workers": 2,
             "verbose": True,
+            "statsMaxBytes": 4194304,
             "extraArgs": ["--workers=3"],
             "extraEnv": [{"name": "TZ", "value": "UTC"}],
         },

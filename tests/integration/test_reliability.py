@@ -12,8 +12,11 @@ import asyncio
 import json
 import socket
 import ssl
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from shardwise.kube.events import post_event
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 90
+STATS_MAX_BYTES = 8_000_000  # above the 6 MB bogus page (parsed off the loop), below a stream
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,7 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     args = ["--restart-backoff-seconds", "1", "--liveness-port", str(liveness_port)]
+    args += ["--stats-max-bytes", str(STATS_MAX_BYTES)]
     with running_operator(cluster.kubeconfig, log, *args) as op:
         yield op
     print(op.log()[-20000:])
@@ -414,3 +419,114 @@ def test_an_event_post_that_timed_out_is_posted_once(cluster: Any, kubectl: Kube
     events = [e for e in kubectl.events(namespace, "ghost") if e["reason"] == "Probe"]
     print(f"event: {len(events)} Event(s) for one post")
     assert len(events) == 1
+
+
+# -- 5. hostile stats pages ----------------------------------------------------------------------
+
+
+class _Stats(BaseHTTPRequestHandler):
+    """Serves what the server's `mode` says: an endless stream or 100 000 bogus series."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        mode = getattr(self.server, "mode", "")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        if mode == "bogus":
+            body = getattr(self.server, "body", b"")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.end_headers()  # no length: read until the connection closes, which it never does
+        line = b'shardwise_trainer_step_seconds{rank="0",pod="p"} 1\n' * 4096
+        try:
+            while True:  # ~40 MB/s: enough to fill memory, not to starve this machine
+                self.wfile.write(line)
+                time.sleep(0.005)
+        except OSError:
+            return
+
+    def log_message(self, format: str, *args: Any) -> None:
+        del format, args
+
+
+def _serve(address: str, mode: str) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((address, 9400), _Stats)
+    server.daemon_threads = True
+    server.mode = mode  # type: ignore[attr-defined]
+    server.body = b"# TYPE shardwise_trainer_step_seconds gauge\n" + b"".join(  # type: ignore[attr-defined]
+        f'shardwise_trainer_step_seconds{{rank="-{i}",pod="p",node="n"}} 1.0\n'.encode()
+        for i in range(1, 100_001)
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident memory of the process and its children (the operator's stats parser)."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return total
+    return total + sum(_rss_bytes(int(child)) for child in children)
+
+
+def test_a_stats_page_cannot_stall_or_bloat_the_operator(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str, liveness_port: int
+) -> None:
+    kubectl.apply(small_job("stats", namespace, nodes=2, gpus=1, monitoring={"scrapeIntervalSeconds": 1}))
+    pods = running(kubectl, namespace, "stats", 0, 2)
+    wait_for(
+        "Running",
+        lambda: kubectl.job(namespace, "stats")["status"].get("phase") == "Running",
+        timeout=TIMEOUT,
+    )
+    endless, bogus = _serve("127.0.0.2", "endless"), _serve("127.0.0.3", "bogus")
+    try:
+        baseline = _rss_bytes(operator.process.pid)
+        for pod, ip in zip(pods, ("127.0.0.2", "127.0.0.3"), strict=True):
+            status = {"status": {"podIP": ip, "podIPs": [{"ip": ip}]}}
+            kubectl(
+                "patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status",
+                "--type=merge", "-p", json.dumps(status),
+            )  # fmt: skip
+        # The liveness endpoint is served on the operator's event loop: its latency is the loop's lag.
+        lags: list[float] = []
+        peak = baseline
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sent = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=60) as response:
+                response.read()
+            lags.append(time.monotonic() - sent)
+            peak = max(peak, _rss_bytes(operator.process.pid))
+            time.sleep(0.05)
+    finally:
+        for server in (endless, bogus):
+            server.shutdown()
+            server.server_close()
+    metrics = operator.metrics()
+    growth = (peak - baseline) / 2**20
+    print(f"stats: max /healthz latency {max(lags):.3f} s over {len(lags)} probes; RSS +{growth:.0f} MiB")
+    assert max(lags) < 1.0, f"event loop stalled {max(lags):.2f} s"
+    assert growth < 300, f"operator RSS grew by {growth:.0f} MiB"
+    rejections = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("shardwise_operator_scrape_rejections_total{")
+    }
+    assert rejections.get("too_large", 0) >= 1 and rejections.get("rank_out_of_range", 0) >= 100_000
+    reporting = [
+        line for line in job_series(metrics, namespace) if line.startswith("shardwise_job_ranks_reporting")
+    ]
+    assert all(float(line.rsplit(" ", 1)[1]) <= 2 for line in reporting)  # no window for a bogus rank
+    errors = [
+        line for line in job_series(metrics, namespace) if line.startswith("shardwise_scrape_errors_total")
+    ]
+    assert {p["metadata"]["name"] for p in pods} <= {line.split('pod="')[1].split('"')[0] for line in errors}

@@ -27,6 +27,7 @@ from shardwise.kube.children import controller_uid
 from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
+from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES
 from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Controller:
     kubeconfig: str | None = None
     workers: int = 8
     restart_backoff_seconds: float = 10.0
+    stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     exporter: JobMetricsExporter = field(default_factory=JobMetricsExporter)
     monitor: Monitor | None = None
@@ -82,7 +84,13 @@ class Controller:
     async def start(self) -> None:
         self.kube = await Kube.connect(self.kubeconfig)
         self.monitor = Monitor(
-            self.kube, self.view(), self.exporter, poke=self.queue.add, jobs=self._all_jobs
+            self.kube,
+            self.view(),
+            self.exporter,
+            poke=self.queue.add,
+            jobs=self._all_jobs,
+            stats_max_bytes=self.stats_max_bytes,
+            rejected=self.metrics.scrape_rejections,
         )
         reconciler = Reconciler(
             self.kube,
