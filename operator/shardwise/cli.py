@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TextIO
 import yaml
 
 from shardwise.jobspec import SpecError, architecture_spec, request_from_spec, spec_from_manifest
+from shardwise.metrics.limits import DEFAULT_STATS_MAX_BYTES
 from shardwise.planner import GPUS, PRESETS, ModelSpec, PlanInputError, PlanResult, parse_hf_config, plan
 from shardwise.planner.units import GIB, gib, parse_count, parse_size
 from shardwise.resources.layout_file import layout_document_for
@@ -398,6 +399,14 @@ def add_operator_command(subparsers: Any) -> None:
         default=10.0,
         help="first gang-restart / scheduling-retry backoff; doubles per failure, capped at 300 s",
     )
+    p.add_argument(
+        "--stats-max-bytes",
+        type=_positive_int,
+        default=DEFAULT_STATS_MAX_BYTES,
+        metavar="BYTES",
+        help="largest trainer stats page read per pod and scrape; a larger one is refused "
+        f"(default {DEFAULT_STATS_MAX_BYTES})",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=run_operator_command)
 
@@ -422,6 +431,7 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
         workers=args.workers,
         restart_backoff_seconds=args.restart_backoff_seconds,
+        stats_max_bytes=args.stats_max_bytes,
     )
     return EXIT_OK
 

@@ -50,6 +50,25 @@ def finished(status: dict[str, Any]) -> bool:
     return any(c.get("type") in (SUCCEEDED, FAILED) and c.get("status") == "True" for c in conditions)
 
 
+def planned_generation(status: dict[str, Any]) -> int | None:
+    """The spec generation the recorded layout was planned for (None: no layout planned)."""
+    planned = get_condition(status.get("conditions") or [], PLANNED)
+    if not status.get("layout") or planned is None or planned.get("status") != "True":
+        return None
+    generation = planned.get("observedGeneration")
+    return int(generation) if generation is not None else None
+
+
+def needs_plan(status: dict[str, Any], generation: int, *, attempt_started: bool) -> bool:
+    """Plan now? When no layout is planned, or when an attempt is about to start (none of its
+    pods exist yet) and the spec changed since the layout was planned: a resized or retuned job
+    starts its next attempt on a plan of its current spec. A running attempt keeps its plan."""
+    planned = planned_generation(status)
+    if planned is None:
+        return True
+    return not attempt_started and planned != generation
+
+
 def status_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """A JSON merge patch from one status to the next: removed fields are sent as null."""
     patch: dict[str, Any] = {key: None for key in before if key not in after}

@@ -101,6 +101,12 @@ def backoff_seconds(count: int, base: float, cap: float = 300.0) -> float:
     return float(min(cap, base * 2 ** max(0, count - 1)))
 
 
+def jittered(delay: float, draw: float, cap: float = 300.0) -> float:
+    """A delay spread over [delay/2, 3·delay/2) by draw (uniform in [0, 1)), capped: retries of
+    many jobs refused at once (a full quota) do not come back in lockstep."""
+    return float(min(cap, delay * (0.5 + min(max(draw, 0.0), 1.0))))
+
+
 def deadline_passed(run_policy: dict[str, Any], start_time: str | None, now: str) -> bool:
     """activeDeadlineSeconds counts from the job's start (status.startTime), restarts included."""
     limit = int(run_policy.get("activeDeadlineSeconds") or 0)

@@ -37,9 +37,13 @@ NAMESPACED_PERMISSIONS: frozenset[tuple[str, str]] = frozenset(
         ("services", "create"),
         ("services", "get"),
         ("services", "patch"),
+        ("services", "list"),
+        ("services", "watch"),
         ("configmaps", "create"),
         ("configmaps", "get"),
         ("configmaps", "patch"),
+        ("configmaps", "list"),
+        ("configmaps", "watch"),
         ("events", "create"),
     }
 )
@@ -99,6 +103,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "operator": {
             "workers": 2,
             "verbose": True,
+            "statsMaxBytes": 4194304,
             "extraArgs": ["--workers=3"],
             "extraEnv": [{"name": "TZ", "value": "UTC"}],
         },

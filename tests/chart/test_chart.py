@@ -450,6 +450,7 @@ def test_everything_flipped_reaches_the_manifests(rendered: dict[str, list[dict[
         "--metrics-address=0.0.0.0",
         "--liveness-port=9091",
         "--workers=2",
+        "--stats-max-bytes=4194304",
         "--namespace=team-b",
         "--verbose",
         "--workers=3",
@@ -502,6 +503,7 @@ def test_service_monitor_needs_the_service(helm_bin: str) -> None:
         (["--set", "serviceMonitor.enable=true"], "enable"),  # typo'd nested key
         (["--set", "rbac.namespaced=true"], "namespaced"),  # a key the chart does not have
         (["--set", "operator.workers=eight"], "workers"),  # wrong type
+        (["--set", "operator.statsMaxBytes=10"], "statsMaxBytes"),  # below the smallest cap
         (["--set-string", "dashboards.enabled=yes"], "enabled"),  # string for a boolean
         (["--set", "metrics.port=70000"], "port"),  # out of range
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),  # not in the enum

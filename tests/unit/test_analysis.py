@@ -23,6 +23,7 @@ from shardwise.metrics.analysis import (
     keep_ranks,
     memory_condition,
     observe_pass,
+    parse_page,
     parse_trainer_metrics,
     plan_from_layout,
     straggler_condition,
@@ -505,6 +506,45 @@ def test_parse_ignores_foreign_series_and_rejects_garbage() -> None:
     assert parse_trainer_metrics("") == ()
     with pytest.raises(TrainerMetricsError):
         parse_trainer_metrics("<html>502 Bad Gateway</html>\n")
+
+
+@pytest.mark.parametrize(
+    ("series", "world_size", "ranks", "rejected"),
+    [
+        ('{rank="0",pod="p"} 1', 4, [0], {}),
+        ('{rank="-3",pod="p"} 1', 4, [], {"rank_out_of_range": 1}),
+        ('{rank="-3",pod="p"} 1', None, [], {"rank_out_of_range": 1}),  # negative, whatever the size
+        ('{rank="4",pod="p"} 1', 4, [], {"rank_out_of_range": 1}),  # past the world size
+        ('{rank="4",pod="p"} 1', None, [4], {}),  # world size unknown: only negatives go
+        ('{rank="x"} 1', 4, [], {"rank_out_of_range": 1}),
+        ('{rank="1",pod="p",series="7"} 1', 4, [], {"unknown_labels": 1}),  # a label the trainer never sets
+        ('{pod="p"} 1', 4, [], {}),  # not a per-rank series: ignored, as foreign series are
+    ],
+    ids=["valid", "negative", "negative-unknown-size", "too-large", "unknown-size", "not-a-number",
+         "foreign-label", "no-rank"],
+)  # fmt: skip
+def test_parse_page_rejects_ranks_outside_the_world_and_foreign_label_sets(
+    series: str, world_size: int | None, ranks: list[int], rejected: dict[str, int]
+) -> None:
+    text = f"# TYPE shardwise_trainer_step_seconds gauge\nshardwise_trainer_step_seconds{series}\n"
+    page = parse_page(text, world_size)
+    assert [s.rank for s in page.samples] == ranks
+    assert dict(page.rejected) == rejected
+
+
+def test_bogus_series_create_no_windows_and_count_as_a_failed_page() -> None:
+    plan = uniform_plan(dp=2)
+    bogus = "".join(f'shardwise_trainer_step_seconds{{rank="-{i}"}} 1\n' for i in range(1, 1001))
+    good = 'shardwise_trainer_step_seconds{rank="1",pod="p"} 1\n'
+    outcome = observe_pass(JobWindows(), {"p": bogus + good}, plan, SETTINGS)
+    assert sorted(outcome.state.windows) == [1]
+    assert outcome.failed_pods == ("p",)
+    assert outcome.rejected == (("p", "rank_out_of_range", 1000),)
+    # Without a plan the job's world size (status.layout.gpus) bounds the ranks instead.
+    page = "".join(f'shardwise_trainer_step_seconds{{rank="{i}"}} 1\n' for i in range(100))
+    outcome = observe_pass(JobWindows(), {"p": page}, None, SETTINGS, world_size=8)
+    assert sorted(outcome.state.windows) == list(range(8))
+    assert outcome.rejected == (("p", "rank_out_of_range", 92),)
 
 
 def test_plan_from_layout_maps_ranks_to_stages_in_contract_order() -> None:

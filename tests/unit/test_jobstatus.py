@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from shardwise.conditions import get_condition, set_condition
-from shardwise.jobstatus import changed_events, finished, with_plan, with_plan_failure, with_pods
+from shardwise.jobstatus import (
+    changed_events,
+    finished,
+    needs_plan,
+    planned_generation,
+    with_plan,
+    with_plan_failure,
+    with_pods,
+)
 from shardwise.podstate import summarize
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
@@ -177,3 +185,39 @@ def test_setting_a_condition_keeps_the_order() -> None:
     conds = set_condition(conds, "Running", True, "AllPodsRunning", "b", now=T0)
     conds = set_condition(conds, "Planned", True, "LayoutPlanned", "a", now=T1)
     assert [c["type"] for c in conds] == ["Planned", "Running"]
+
+
+def planned(generation: int | None, *, status: str = "True", layout: bool = True) -> dict[str, Any]:
+    """A status whose Planned condition carries that generation."""
+    cond: dict[str, Any] = {"type": "Planned", "status": status, "reason": "LayoutPlanned"}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    out: dict[str, Any] = {"conditions": [cond]}
+    if layout:
+        out["layout"] = {"nodes": 1, "gpusPerNode": 2}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("status", "generation", "started", "expected"),
+    [
+        ({}, 1, False, True),  # never planned
+        (planned(1), 1, False, False),  # planned for this spec
+        (planned(1), 4, False, True),  # resized while suspended, resumed: re-planned
+        (planned(1), 4, True, False),  # a running attempt keeps its plan
+        (planned(1, status="False"), 1, True, True),  # the plan failed: plan again
+        (planned(1, layout=False), 1, True, True),  # layout dropped (node lost): plan again
+        (planned(None), 2, False, True),  # a plan of unknown generation is not this spec's
+    ],
+    ids=["unplanned", "current", "resized", "running", "failed", "no-layout", "no-generation"],
+)
+def test_needs_plan(status: dict[str, Any], generation: int, started: bool, expected: bool) -> None:
+    assert needs_plan(status, generation, attempt_started=started) is expected
+
+
+def test_planned_generation_is_the_planned_conditions() -> None:
+    assert planned_generation(planned(3)) == 3
+    assert planned_generation(planned(3, status="False")) is None
+    assert planned_generation(planned(3, layout=False)) is None
+    after = with_plan({}, {"nodes": 2}, "m", now=T0, generation=5)
+    assert planned_generation(after) == 5

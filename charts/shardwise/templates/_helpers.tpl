@@ -68,6 +68,8 @@ The rules the operator needs on namespaced resources, wherever it watches. Every
                                             finished job's pods that still run
   services, configmaps        create, get, patch   the headless Service and <job>-layout:
                                             create-or-adopt, and a merge-patch when they drift
+                              list, watch   kopf's watches of the job's children: one deleted
+                                            under a running job is restored at once
   events                      create        Events on the job (kube/events.py and kopf's posting)
 Services and ConfigMaps are never deleted by the operator: they go with their job through owner
 references (the garbage collector).
@@ -85,7 +87,7 @@ No Secrets: the operator never reads or writes one.
   verbs: ["create", "get", "list", "watch", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["create", "get", "patch"]
+  verbs: ["create", "get", "patch", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

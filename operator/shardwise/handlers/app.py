@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
+from shardwise import lifecycle
 from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
 from shardwise.jobstatus import finished
+from shardwise.kube.children import controller_uid
 from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
+from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES
 from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -49,13 +53,15 @@ class Controller:
     kubeconfig: str | None = None
     workers: int = 8
     restart_backoff_seconds: float = 10.0
+    stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     exporter: JobMetricsExporter = field(default_factory=JobMetricsExporter)
     monitor: Monitor | None = None
     queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     indexes: dict[str, Any] = field(default_factory=dict)
     node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    failures: dict[JobKey, int] = field(default_factory=dict)
+    # Per job: consecutive failed passes and when the last one failed (monotonic seconds).
+    failures: dict[JobKey, tuple[int, float]] = field(default_factory=dict)
     kube: Kube | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -69,12 +75,22 @@ class Controller:
             nodes=lambda: [v for vs in self.indexes.get("shardwise_nodes", {}).values() for v in vs],
             bound_pods=lambda: _store_values(self.indexes.get("shardwise_bound_pods", {}), None),
             job_pods=lambda key: _store_values(self.indexes.get("shardwise_job_pods", {}), key),
+            job_children=lambda key: [
+                *_store_values(self.indexes.get("shardwise_job_configmaps", {}), key),
+                *_store_values(self.indexes.get("shardwise_job_services", {}), key),
+            ],
         )
 
     async def start(self) -> None:
         self.kube = await Kube.connect(self.kubeconfig)
         self.monitor = Monitor(
-            self.kube, self.view(), self.exporter, poke=self.queue.add, jobs=self._all_jobs
+            self.kube,
+            self.view(),
+            self.exporter,
+            poke=self.queue.add,
+            jobs=self._all_jobs,
+            stats_max_bytes=self.stats_max_bytes,
+            rejected=self.metrics.scrape_rejections,
         )
         reconciler = Reconciler(
             self.kube,
@@ -89,15 +105,28 @@ class Controller:
     def _all_jobs(self) -> list[dict[str, Any]]:
         return [job for values in self.indexes.get("shardwise_jobs", {}).values() for job in values]
 
-    def _observed(self, key: JobKey, status: dict[str, Any]) -> None:
+    def alive(self, key: JobKey, uid: str) -> bool:
+        """The watch still holds this job with this uid (kopf drops a deleted object from its
+        indexes before our DELETED handler runs, so a gone job is never seen alive again)."""
+        job = _store_values(self.indexes.get("shardwise_jobs", {}), key)
+        return bool(job) and (job[0].get("metadata") or {}).get("uid") == uid
+
+    def _observed(self, key: JobKey, uid: str, status: dict[str, Any]) -> None:
+        # A pass that ends after the job's DELETED event (the pass that deleted it, say) must not
+        # bring its series back: only observations of the job the watch still holds count.
+        if not self.alive(key, uid):
+            return
         self.metrics.observe_job(key, status)
         self.exporter.observe_status(key[0], key[1], status)
 
     def forget(self, key: JobKey) -> None:
-        """The job is gone: no work, no series left behind."""
+        """The job is gone: no work, no series, no counters left behind."""
         self.queue.forget(key)
+        self.failures.pop(key, None)
         self.metrics.forget_job(key)
         self.exporter.forget_job(*key)
+        if self.monitor is not None:
+            self.monitor.forget(key)
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -112,7 +141,7 @@ class Controller:
             started = time.perf_counter()
             try:
                 requeue = await reconciler.reconcile(key)
-                self.failures.pop(key, None)
+                self._succeeded(key)
                 if requeue is not None:
                     self.queue.add_after(key, requeue)
             except asyncio.CancelledError:
@@ -131,12 +160,21 @@ class Controller:
                 self.queue.done(key)
 
     def _failed(self, key: JobKey) -> None:
-        """Log the pass's exception and retry the job with exponential backoff."""
-        count = self.failures[key] = self.failures.get(key, 0) + 1
-        delay = min(300.0, 0.5 * 2 ** min(count, 10))
+        """Log the pass's exception and retry the job with jittered exponential backoff."""
+        count = self.failures.get(key, (0, 0.0))[0] + 1
+        self.failures[key] = (count, time.monotonic())
+        delay = failure_backoff(count, random.random())
         self.metrics.reconcile_errors.inc()
         log.exception("ParallelTrainingJob %s/%s: reconcile failed; retry in %.1fs", *key, delay)
         self.queue.add_after(key, delay)
+
+    def _succeeded(self, key: JobKey) -> None:
+        """Forget the job's failures only once it has passed cleanly for a whole backoff period:
+        a job whose passes alternate (an event-driven pass succeeds between failing ones) keeps
+        backing off instead of starting from the shortest delay every time."""
+        entry = self.failures.get(key)
+        if entry is not None and time.monotonic() - entry[1] >= failure_backoff(entry[0], 1.0):
+            del self.failures[key]
 
     def poke_waiting_jobs(self) -> None:
         """Inventory changed: every job that is not finished gets a pass (unplanned ones may fit now)."""
@@ -147,11 +185,27 @@ class Controller:
                     self.queue.add((meta["namespace"], meta["name"]))
 
 
+def failure_backoff(count: int, draw: float) -> float:
+    """Seconds before retrying a job whose count-th consecutive pass failed: 1 s doubling to 5 min,
+    spread by draw (uniform in [0, 1)) over [d/2, 3d/2)."""
+    return lifecycle.jittered(lifecycle.backoff_seconds(count, 1.0), draw)
+
+
 CONTROLLER = Controller()
 
 
+INDEXES = (
+    "shardwise_jobs",
+    "shardwise_nodes",
+    "shardwise_bound_pods",
+    "shardwise_job_pods",
+    "shardwise_job_configmaps",
+    "shardwise_job_services",
+)
+
+
 def _remember_indexes(kwargs: dict[str, Any]) -> None:
-    for name in ("shardwise_jobs", "shardwise_nodes", "shardwise_bound_pods", "shardwise_job_pods"):
+    for name in INDEXES:
         if name in kwargs:
             CONTROLLER.indexes[name] = kwargs[name]
 
@@ -221,6 +275,36 @@ async def shardwise_job_pods(
     return {(namespace, labels[LABEL_JOB]): _plain(body)}
 
 
+def _child(kind: str, body: kopf.Body) -> dict[str, Any]:
+    """Only what the pass checks: that the job's child exists and the job controls it."""
+    return {"kind": kind, "name": body["metadata"].get("name"), "owner": controller_uid(dict(body))}
+
+
+@kopf.index("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+async def shardwise_job_configmaps(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): _child("ConfigMap", body)}
+
+
+@kopf.index("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+async def shardwise_job_services(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_JOB]): _child("Service", body)}
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_JOB: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={LABEL_JOB: kopf.PRESENT})
+async def _job_child_event(
+    event: kopf.RawEvent, namespace: str | None, labels: kopf.Labels, **kwargs: Any
+) -> None:
+    _remember_indexes(kwargs)
+    if event.get("type") == "DELETED":
+        # Only the absence matters: the job's pass restores a deleted child.
+        CONTROLLER.queue.add((namespace or "", labels[LABEL_JOB]))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
     _remember_indexes(kwargs)
@@ -253,3 +337,5 @@ async def _node_event(event: kopf.RawEvent, name: str, body: kopf.Body, **kwargs
     if CONTROLLER.node_signatures.get(name) != signature:
         CONTROLLER.node_signatures[name] = signature
         CONTROLLER.poke_waiting_jobs()
+    if event.get("type") == "DELETED":
+        CONTROLLER.node_signatures.pop(name, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ from shardwise.jobstatus import (
     Event,
     changed_events,
     finished,
+    needs_plan,
+    planned_generation,
     status_patch,
     with_plan,
     with_plan_failure,
@@ -36,7 +39,15 @@ from shardwise.metrics.analysis import ConditionValue
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
-from shardwise.resources.names import API_VERSION, KIND, LABEL_ATTEMPT, configmap_name
+from shardwise.resources.names import (
+    API_VERSION,
+    KIND,
+    LABEL_ATTEMPT,
+    LABEL_NODE_RANK,
+    configmap_name,
+    pod_name,
+    service_name,
+)
 from shardwise.resources.pods import PodShape, TemplateError, build_pod
 from shardwise.resources.service import build_service
 
@@ -66,6 +77,8 @@ class ClusterView:
     nodes: Callable[[], list[dict[str, Any]]]
     bound_pods: Callable[[], list[dict[str, Any]]]
     job_pods: Callable[[JobKey], list[dict[str, Any]]]
+    # The job's ConfigMaps and Services as the watch last saw them (kind, name, controller uid).
+    job_children: Callable[[JobKey], list[dict[str, Any]]]
 
 
 def _version(obj: dict[str, Any]) -> int:
@@ -74,6 +87,12 @@ def _version(obj: dict[str, Any]) -> int:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def _refused(exc: KubeError) -> bool:
+    """The API server refused the object itself (quota, admission, validation): retrying the same
+    request at once cannot help. A terminating namespace is left to the worker's own handling."""
+    return 400 <= exc.status < 500 and exc.status != 409 and "NamespaceTerminating" not in exc.body
 
 
 def _now() -> str:
@@ -94,7 +113,8 @@ class Reconciler:
     kube: Kube
     view: ClusterView
     now: Callable[[], str] = _now
-    on_pass: Callable[[JobKey, dict[str, Any]], None] | None = None
+    # Called with (key, the job's uid, the status the pass left).
+    on_pass: Callable[[JobKey, str, dict[str, Any]], None] | None = None
     restart_backoff_seconds: float = 10.0
     # The monitor's latest StragglerDetected / MemoryImbalanced findings for a running job.
     findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
@@ -125,7 +145,7 @@ class Reconciler:
         requeue = await pass_.run()
         await pass_.commit()
         if self.on_pass is not None:
-            self.on_pass(key, pass_.status)
+            self.on_pass(key, str(job["metadata"].get("uid") or ""), pass_.status)
         return requeue
 
 
@@ -226,12 +246,19 @@ class _Pass:
         attempt = int(self.status.get("attempt") or 0)
         stale = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) != str(attempt)]
         if stale:
-            # Pods keep fixed names, so a new attempt waits until the old one's pods are gone.
+            # Pods keep fixed names, so a new attempt waits until the old one's pods are gone; a
+            # pod on a lost node would keep its name forever (no kubelet confirms its end).
             await self.commit()
-            await self._delete(stale)
+            await self._delete(stale, force_lost=True)
             return REQUEUE_TERMINATING
 
-        if not self._planned():
+        # Planned after the backoff: the next attempt's plan sees the inventory it will start on,
+        # and a plan recorded in status is always written to the ConfigMap in the same pass.
+        wait = self._backoff_wait()
+        if wait is not None:
+            return wait
+
+        if needs_plan(self.status, self.generation, attempt_started=bool(pods)):
             outcome = self._plan()
             if not outcome.feasible or outcome.layout_status is None:
                 self.log.info("not planned: %s: %s", outcome.reason, outcome.message)
@@ -245,9 +272,16 @@ class _Pass:
             self.log.info("planned %s", outcome.layout_status.get("summary"))
             self._planned_outcome = outcome
 
-        wait = self._backoff_wait()
-        if wait is not None:
-            return wait
+        if pods and self._children_missing():
+            # Deleted under a running attempt: restored now, not at the next restart (a pod that
+            # is still to start needs the ConfigMap volume, the rendezvous needs the Service).
+            try:
+                await self._ensure_shared_children(self._planned_outcome)
+            except ChildConflictError as exc:
+                self.status = with_plan_failure(
+                    self.status, "ChildConflict", str(exc), now=self.now, generation=self.generation
+                )
+                return None
 
         layout = self.status["layout"]
         shape = PodShape(
@@ -264,14 +298,15 @@ class _Pass:
                 return stop.requeue
 
         if summary.missing:
-            if summary.present and (summary.running or summary.succeeded):
-                # A pod of a started gang vanished (deleted, its node gone): torchrun cannot take a
-                # lone replacement, so the whole gang restarts, without spending the budget.
+            if summary.present and is_true(self.status.get("conditions") or [], RUNNING):
+                # A pod of a started gang (all its pods ran) vanished: deleted, its node gone.
+                # torchrun cannot take a lone replacement, so the whole gang restarts, without
+                # spending the budget. A rank of a gang that never ran complete is created instead.
                 why = f"pod(s) of node rank {summary.missing} disappeared"
                 return (await self._restart(pods, "disruption", why)).requeue
-            created = await self._create_pods(shape, summary)
-            if created is None:
-                return None
+            stop = await self._create_pods(shape, summary, pods)
+            if stop is not None:
+                return stop.requeue
 
         self.status = with_pods(self.status, summary, now=self.now, generation=self.generation)
         for finding in self.r.findings(self.key) if self.r.findings else ():
@@ -280,13 +315,22 @@ class _Pass:
         self.status.setdefault("restarts", 0)
         if summary.all_running:
             self.status.pop("scheduleFailures", None)
+            self.status.pop("createFailures", None)
         requeue = REQUEUE_RUNNING if self.status.get("phase") == "Running" else REQUEUE_STARTING
         return min(requeue, self.wake_after) if self.wake_after is not None else requeue
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def _planned(self) -> bool:
-        return is_true(self.status.get("conditions") or [], PLANNED) and bool(self.status.get("layout"))
+    def _children_missing(self) -> bool:
+        """The Service or the layout ConfigMap is gone from the watch cache."""
+        uid = self.meta.get("uid")
+        have = {
+            (c.get("kind"), c.get("name"))
+            for c in self.r.view.job_children(self.key)
+            if c.get("owner") == uid
+        }
+        wanted = {("Service", service_name(self.key[1])), ("ConfigMap", configmap_name(self.key[1]))}
+        return not wanted <= have
 
     def _backoff_wait(self) -> float | None:
         due = self.status.get("nextAttemptTime")
@@ -359,9 +403,13 @@ class _Pass:
         return await self._restart(pods, verdict.verdict, where, replan=bool(lost))
 
     def _lost_nodes(self, summary: PodsSummary) -> set[str]:
+        return self._lost({node_name for _, node_name in summary.nodes})
+
+    def _lost(self, node_names: set[str]) -> set[str]:
+        """Of these nodes, those gone from the cache or not Ready."""
         known = {(n.get("metadata") or {}).get("name"): n for n in self.r.view.nodes()}
         lost: set[str] = set()
-        for _, node_name in summary.nodes:
+        for node_name in node_names:
             node = known.get(node_name)
             ready = node is not None and any(
                 c.get("type") == "Ready" and c.get("status") == "True"
@@ -408,7 +456,7 @@ class _Pass:
             )
         await self.commit()
         self.log.info("restarting: %s", message)
-        await self._delete([p for p in pods if not p["metadata"].get("deletionTimestamp")])
+        await self._delete(pods, force_lost=True)
         return Stop(REQUEUE_TERMINATING)
 
     def _old_shape_fits(self) -> bool:
@@ -448,36 +496,97 @@ class _Pass:
         await self._delete([p for p in pods if not p["metadata"].get("deletionTimestamp")])
         return Stop(REQUEUE_TERMINATING)
 
-    async def _create_pods(self, shape: PodShape, summary: PodsSummary) -> list[int] | None:
+    async def _create_pods(
+        self, shape: PodShape, summary: PodsSummary, pods: list[dict[str, Any]]
+    ) -> Stop | None:
+        """Create the missing ranks; a rank the API server refuses fails the whole attempt."""
         try:
             await self._ensure_shared_children(self._planned_outcome)
-            pods = [build_pod(self.job, shape, rank) for rank in summary.missing]
-            results = await asyncio.gather(*(ensure(self.r.kube, pod, patch_drift=False) for pod in pods))
-            created = [rank for rank, (_, new) in zip(summary.missing, results, strict=True) if new]
+            built = [build_pod(self.job, shape, rank) for rank in summary.missing]
         except (TemplateError, ChildConflictError) as exc:
-            reason = "InvalidTemplate" if isinstance(exc, TemplateError) else "ChildConflict"
-            self.status = with_plan_failure(
-                self.status, reason, str(exc), now=self.now, generation=self.generation
-            )
-            return None
-        if created:
+            return self._child_failure(exc)
+        results = await asyncio.gather(
+            *(ensure(self.r.kube, pod, patch_drift=False) for pod in built), return_exceptions=True
+        )
+        made: list[dict[str, Any]] = []
+        refused: list[tuple[int, KubeError]] = []
+        for rank, result in zip(summary.missing, results, strict=True):
+            if isinstance(result, ChildConflictError):
+                return self._child_failure(result)
+            if isinstance(result, KubeError) and _refused(result):
+                refused.append((rank, result))
+            elif isinstance(result, BaseException):
+                raise result
+            elif result[1]:
+                made.append(result[0])
+        if refused:
+            return await self._creation_failed(shape, refused, [*pods, *made])
+        if made:
+            ranks = sorted(int(p["metadata"]["labels"][LABEL_NODE_RANK]) for p in made)
             self.events.append(
-                Event("Normal", "PodsCreated", f"created {len(created)} pod(s) for attempt {shape.attempt}")
+                Event("Normal", "PodsCreated", f"created {len(made)} pod(s) for attempt {shape.attempt}")
             )
-            self.log.info("created pods for node ranks %s (attempt %d)", created, shape.attempt)
-        return created
+            self.log.info("created pods for node ranks %s (attempt %d)", ranks, shape.attempt)
+        return None
 
-    async def _delete(self, pods: list[dict[str, Any]]) -> None:
+    def _child_failure(self, exc: Exception) -> Stop:
+        reason = "InvalidTemplate" if isinstance(exc, TemplateError) else "ChildConflict"
+        self.status = with_plan_failure(
+            self.status, reason, str(exc), now=self.now, generation=self.generation
+        )
+        return Stop(None)
+
+    async def _creation_failed(
+        self, shape: PodShape, refused: list[tuple[int, KubeError]], pods: list[dict[str, Any]]
+    ) -> Stop:
+        """A refused rank (quota, admission webhook, invalid pod): the attempt is released, its pods
+        deleted (a partial gang never holds GPUs while it waits), and retried with jittered backoff.
+        """
+        failures = int(self.status.get("createFailures") or 0) + 1
+        delay = lifecycle.jittered(
+            lifecycle.backoff_seconds(failures, self.r.restart_backoff_seconds), random.random()
+        )
+        rank, exc = refused[0]
+        more = f" ({len(refused) - 1} more refused)" if len(refused) > 1 else ""
+        message = (
+            f"the API server refused pod {pod_name(self.key[1], rank)} (HTTP {exc.status}): "
+            f"{exc.message}{more}; attempt {shape.attempt} released, retry {failures} in {delay:.0f}s"
+        )
+        self.status["createFailures"] = failures
+        self.status["attempt"] = shape.attempt + 1
+        self.status["nextAttemptTime"] = lifecycle.add_seconds(self.now, delay)
+        self.status["phase"] = "Pending"
+        self.status["message"] = message
+        self.condition(RUNNING, False, "PodCreateFailed", message)
+        self.events.append(Event("Warning", "PodCreateFailed", message))
+        await self.commit()
+        self.log.info("pod creation refused: %s", message)
+        await self._delete(list({p["metadata"]["name"]: p for p in pods}.values()))
+        return Stop(REQUEUE_TERMINATING)
+
+    async def _delete(self, pods: list[dict[str, Any]], *, force_lost: bool = False) -> None:
+        """Delete gracefully; with force_lost, pods on a lost node (gone or NotReady) are
+        force-deleted, Terminating or not: no kubelet will ever confirm their end."""
+        nodes = {str(p["spec"]["nodeName"]) for p in pods if (p.get("spec") or {}).get("nodeName")}
+        lost = self._lost(nodes) if force_lost else set()
         for pod in pods:
-            if pod["metadata"].get("deletionTimestamp"):
+            meta = pod["metadata"]
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node in lost:
+                gone = await self.r.kube.delete(
+                    "v1", "Pod", meta["namespace"], meta["name"], uid=meta.get("uid"), grace_period_seconds=0
+                )
+                if gone:
+                    message = (
+                        f"pod {meta['name']} was force-deleted: its node {node} is gone or NotReady,"
+                        " so no kubelet would confirm its end and the next attempt needs its name"
+                    )
+                    self.log.info("%s", message)
+                    await post_event(self.r.kube, self.job, "Warning", "PodForceDeleted", message)
                 continue
-            await self.r.kube.delete(
-                "v1",
-                "Pod",
-                pod["metadata"]["namespace"],
-                pod["metadata"]["name"],
-                uid=pod["metadata"].get("uid"),
-            )
+            if meta.get("deletionTimestamp"):
+                continue
+            await self.r.kube.delete("v1", "Pod", meta["namespace"], meta["name"], uid=meta.get("uid"))
 
     async def _delete_live(self, pods: list[dict[str, Any]]) -> None:
         """Free the GPUs of pods still running; finished pods stay for their logs."""
@@ -559,7 +668,11 @@ class _Pass:
         raise inventory.InventoryError("InsufficientGpus", "no GPUs left")
 
     async def _ensure_shared_children(self, outcome: PlanOutcome | None) -> None:
-        """The Service and the layout ConfigMap, needed before any pod can start."""
+        """The Service and the layout ConfigMap, needed before any pod can start.
+
+        With this pass's plan, the ConfigMap is written from it (patched if it holds another):
+        the document and status.layout always come from the same plan.
+        """
         if outcome is not None and outcome.document is not None:
             await asyncio.gather(
                 ensure(self.r.kube, build_service(self.job)),
@@ -567,19 +680,23 @@ class _Pass:
             )
             return
         await ensure(self.r.kube, build_service(self.job))
-        if outcome is None or outcome.document is None:
-            try:
-                await self.r.kube.get("v1", "ConfigMap", self.key[0], configmap_name(self.key[1]))
-                return
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-            # The ConfigMap vanished after planning: plan again pinned to the recorded layout,
-            # which reproduces the same document.
-            outcome = self._plan(pins=self.status["layout"])
-            if outcome.document is None:
-                raise ChildConflictError(
-                    f"ConfigMap {configmap_name(self.key[1])} is missing and the recorded layout"
-                    f" can no longer be planned: {outcome.message}"
-                )
+        try:
+            await self.r.kube.get("v1", "ConfigMap", self.key[0], configmap_name(self.key[1]))
+            return
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+        # The ConfigMap vanished after planning: plan again pinned to the recorded layout, which
+        # reproduces the same document while the spec is the one it was planned for.
+        outcome = self._plan(pins=self.status["layout"])
+        if outcome.document is None or outcome.layout_status is None:
+            raise ChildConflictError(
+                f"ConfigMap {configmap_name(self.key[1])} is missing and the recorded layout"
+                f" can no longer be planned: {outcome.message}"
+            )
+        if planned_generation(self.status) != self.generation:
+            # The spec changed since: the restored document is this spec's, so is status.layout.
+            self.status = with_plan(
+                self.status, outcome.layout_status, outcome.message, now=self.now, generation=self.generation
+            )
         await ensure(self.r.kube, build_configmap(self.job, outcome.document))

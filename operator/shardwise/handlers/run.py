@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from shardwise.handlers import app
 from shardwise.metrics.exporter import exposition
+from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -52,6 +53,7 @@ def run_operator(
     liveness_endpoint: str | None = None,
     workers: int = 8,
     restart_backoff_seconds: float = 10.0,
+    stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES,
 ) -> None:
     """Run until interrupted; watches all namespaces unless some are given."""
     if kubeconfig:
@@ -61,6 +63,7 @@ def run_operator(
     )
     app.CONTROLLER.workers = workers
     app.CONTROLLER.restart_backoff_seconds = restart_backoff_seconds
+    app.CONTROLLER.stats_max_bytes = stats_max_bytes
     if metrics_port:
         serve_metrics(metrics_address, metrics_port)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)

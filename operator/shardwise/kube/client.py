@@ -7,6 +7,7 @@ builders and the tests never touch generated client models.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -47,6 +48,17 @@ class KubeError(Exception):
         self.status = status
         self.reason = reason
         self.body = body
+
+    @property
+    def message(self) -> str:
+        """The API server's own words (the Status object's message), else the raw body."""
+        try:
+            status = json.loads(self.body)
+        except ValueError:
+            return self.body[:1000]
+        if isinstance(status, dict) and status.get("message"):
+            return str(status["message"])
+        return self.body[:1000]
 
 
 def resource_path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -171,14 +183,29 @@ class Kube:
         return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
 
     async def delete(
-        self, api_version: str, kind: str, namespace: str | None, name: str, *, uid: str | None = None
-    ) -> None:
-        """Delete in the background; a uid precondition guards against deleting a newer namesake."""
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        *,
+        uid: str | None = None,
+        grace_period_seconds: int | None = None,
+    ) -> bool:
+        """Delete in the background; a uid precondition guards against deleting a newer namesake.
+
+        grace_period_seconds=0 is a force delete: the object goes at once, without waiting for a
+        kubelet to confirm. Returns False when there was nothing (of that uid) left to delete.
+        """
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
+        if grace_period_seconds is not None:
+            body["gracePeriodSeconds"] = grace_period_seconds
         try:
             await self.request("DELETE", resource_path(api_version, kind, namespace, name), body=body)
         except KubeError as exc:
             if exc.status not in (404, 409):
                 raise
+            return False
+        return True

@@ -51,6 +51,12 @@ TRAINER_PREFIX = "shardwise_trainer_"
 USED_MEMORY_KINDS: tuple[str, ...] = ("peak_reserved", "peak_allocated", "device_used", "peak_rss", "rss")
 #: The measured device capacity kind (CUDA ``mem_get_info`` total); the plan's value otherwise.
 CAPACITY_MEMORY_KIND = "device_total"
+#: Every label a trainer series may carry (docs/trainer-metrics.md); a series with another is not
+#: the trainer's and is rejected, so a page cannot invent label sets (and windows) of its own.
+TRAINER_LABELS = frozenset({"namespace", "job", "pod", "node", "rank", "local_rank", "gpu", "stage", "kind"})
+#: Why a trainer series was rejected (the ``reason`` of the operator's rejection counter).
+REJECT_UNKNOWN_LABELS = "unknown_labels"
+REJECT_RANK_OUT_OF_RANGE = "rank_out_of_range"
 
 STRAGGLER_DETECTED = "StragglerDetected"
 MEMORY_IMBALANCED = "MemoryImbalanced"
@@ -234,13 +240,29 @@ def _int_label(labels: Mapping[str, str], name: str) -> int | None:
         return None
 
 
-def parse_trainer_metrics(text: str) -> tuple[RankSample, ...]:
-    """The per-rank samples of one pod's stats page, ordered by rank.
+@dataclass(frozen=True, slots=True)
+class ParsedPage:
+    """One pod's stats page: its per-rank samples and the trainer series it had to reject."""
 
-    Series without a numeric ``rank`` label and metrics that are not the trainer's are ignored;
-    text that is not Prometheus exposition raises :class:`TrainerMetricsError`.
+    samples: tuple[RankSample, ...]
+    rejected: Mapping[str, int] = field(default_factory=dict)  # reason -> series
+
+
+def parse_trainer_metrics(text: str) -> tuple[RankSample, ...]:
+    """The per-rank samples of one pod's stats page, ordered by rank (see :func:`parse_page`)."""
+    return parse_page(text).samples
+
+
+def parse_page(text: str, world_size: int | None = None) -> ParsedPage:
+    """The per-rank samples of one pod's stats page, ordered by rank, and what was rejected.
+
+    Metrics that are not the trainer's and trainer series without a ``rank`` label are ignored.
+    A trainer series with a label the trainer never sets, or a rank that is not in
+    ``[0, world_size)`` (not a non-negative integer when the world size is unknown), is rejected
+    and counted. Text that is not Prometheus exposition raises :class:`TrainerMetricsError`.
     """
     ranks: dict[int, dict[str, Any]] = {}
+    rejected: dict[str, int] = {}
     try:
         families = list(text_string_to_metric_families(text))
     except Exception as exc:  # the parser raises ValueError, IndexError, ... on malformed text
@@ -250,8 +272,14 @@ def parse_trainer_metrics(text: str) -> tuple[RankSample, ...]:
             continue
         short = family.name[len(TRAINER_PREFIX) :]
         for sample in family.samples:
+            if "rank" not in sample.labels:
+                continue
+            if not sample.labels.keys() <= TRAINER_LABELS:
+                rejected[REJECT_UNKNOWN_LABELS] = rejected.get(REJECT_UNKNOWN_LABELS, 0) + 1
+                continue
             rank = _int_label(sample.labels, "rank")
-            if rank is None:
+            if rank is None or rank < 0 or (world_size is not None and rank >= world_size):
+                rejected[REJECT_RANK_OUT_OF_RANGE] = rejected.get(REJECT_RANK_OUT_OF_RANGE, 0) + 1
                 continue
             entry = ranks.get(rank)
             if entry is None:
@@ -284,7 +312,7 @@ def parse_trainer_metrics(text: str) -> tuple[RankSample, ...]:
                 **entry,
             )
         )
-    return tuple(out)
+    return ParsedPage(tuple(out), rejected)
 
 
 # --------------------------------------------------------------------------- windows
@@ -757,6 +785,7 @@ class PassOutcome:
     analysis: JobAnalysis  # JobMetricsExporter.update_job
     failed_pods: tuple[str, ...]  # JobMetricsExporter.record_scrape_error, one per pod
     errors: tuple[str, ...]  # "pod: why", for the log
+    rejected: tuple[tuple[str, str, int], ...]  # (pod, reason, series) the pages had to reject
     straggler: ConditionValue
     memory: ConditionValue
 
@@ -765,21 +794,32 @@ class PassOutcome:
         return (self.straggler, self.memory)
 
 
+def page_limit(plan: PlanView | None, world_size: int | None) -> int | None:
+    """The world size a page's ranks must fall in: the plan's, else the job's (status.layout.gpus)."""
+    return plan.world_size if plan is not None else world_size
+
+
 def observe_pass(
     state: JobWindows,
-    pages: Mapping[str, str | BaseException | None],
+    pages: Mapping[str, str | ParsedPage | BaseException | None],
     plan: PlanView | None,
     settings: AnalysisSettings,
+    world_size: int | None = None,
 ) -> PassOutcome:
     """Parse every pod's stats page, ingest, analyse, and derive both conditions.
 
-    ``pages`` maps each pod name to the text it served, or to the exception / None when the
-    request failed. A failed or unparsable page is reported, never fatal: the other pods' samples
-    are still ingested and the ranks of the failed pod keep their last window.
+    ``pages`` maps each pod name to the text it served (or that text already parsed by
+    :func:`parse_page` with :func:`page_limit`'s world size, e.g. in another process), or to the
+    exception / None when the request failed. A failed or unparsable page is reported, never
+    fatal: the other pods' samples are still ingested and the ranks of the failed pod keep their
+    last window. Ranks outside the plan's world size (``world_size`` without a plan) are rejected,
+    as are foreign label sets: a page that rejected series counts as failed.
     """
     failed: list[str] = []
     errors: list[str] = []
+    rejected: list[tuple[str, str, int]] = []
     samples: list[RankSample] = []
+    limit = page_limit(plan, world_size)
     for pod in sorted(pages):
         page = pages[pod]
         if page is None or isinstance(page, BaseException):
@@ -787,10 +827,17 @@ def observe_pass(
             errors.append(f"{pod}: {page if page is not None else 'no answer'}")
             continue
         try:
-            samples.extend(parse_trainer_metrics(page))
+            parsed = page if isinstance(page, ParsedPage) else parse_page(page, limit)
         except TrainerMetricsError as exc:
             failed.append(pod)
             errors.append(f"{pod}: {exc}")
+            continue
+        samples.extend(parsed.samples)
+        if parsed.rejected:
+            failed.append(pod)
+            rejected.extend((pod, reason, count) for reason, count in sorted(parsed.rejected.items()))
+            described = ", ".join(f"{count} {reason}" for reason, count in sorted(parsed.rejected.items()))
+            errors.append(f"{pod}: rejected series ({described}; world size {limit})")
     state = ingest(state, samples, settings)
     state, analysis = analyse(state, plan, settings)
     return PassOutcome(
@@ -798,6 +845,7 @@ def observe_pass(
         analysis=analysis,
         failed_pods=tuple(failed),
         errors=tuple(errors),
+        rejected=tuple(rejected),
         straggler=straggler_condition(analysis.stragglers),
         memory=memory_condition(analysis.memory),
     )

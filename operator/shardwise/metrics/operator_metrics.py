@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics: reconcile durations and errors, jobs by phase, the plan."""
+"""The operator's own Prometheus metrics: reconcile health, jobs by phase, the plan, refused stats."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ class OperatorMetrics:
         self.reconcile_errors = PromCounter(
             "shardwise_operator_reconcile_errors",
             "Reconcile passes that raised an error (retried with backoff).",
+            registry=self.registry,
+        )
+        self.scrape_rejections = PromCounter(
+            "shardwise_operator_scrape_rejections",
+            "Trainer stats refused by the scrape loop: pages past --stats-max-bytes (reason too_large)"
+            " and series with a rank outside [0, world size) or a label the trainer never sets.",
+            labelnames=["reason"],
             registry=self.registry,
         )
         self.registry.register(_JobsCollector(self.jobs))
