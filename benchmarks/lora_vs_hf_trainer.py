@@ -159,15 +159,18 @@ def main() -> None:
         ds_config.write_text(json.dumps(ds))
         ours: list[float] = []
         theirs: list[float] = []
+        load_before = os.getloadavg()[0]
         for _ in range(opts.runs):
             ours.append(run_trainer(layout, model, data, opts.steps))
             theirs.append(run_reference(work, model, data, ds_config, opts.steps))
             print(f"trainer {ours[-1]:.0f} tokens/s, reference {theirs[-1]:.0f} tokens/s", flush=True)
     a, b = statistics.median(ours), statistics.median(theirs)
+    # Other work on the machine slows both sides alike (runs alternate), but say how busy it was.
+    load = (load_before, os.getloadavg()[0])
     doc: dict[str, Any] = {
         "machine": platform.platform(), "cpus": os.cpu_count(), "steps": opts.steps, "warmup": WARMUP,
         "trainer_tokens_per_s": ours, "reference_tokens_per_s": theirs,
-        "median_trainer": a, "median_reference": b, "ratio": a / b,
+        "median_trainer": a, "median_reference": b, "ratio": a / b, "load_average_1m": load,
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lora_vs_hf_trainer.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -175,7 +178,8 @@ def main() -> None:
         "# LoRA: shardwise_trainer vs transformers Trainer + DeepSpeed + peft\n\n"
         f"Tiny Llama (4 layers, h=128), LoRA r={RANK} on all 7 projections, DP2 ZeRO-2 fp32, micro 2, "
         f"sequence {SEQ}, {opts.steps} steps ({WARMUP} warm-up), CPU, {os.cpu_count()} cores, "
-        f"{opts.runs} alternating runs each (`python benchmarks/lora_vs_hf_trainer.py`).\n\n"
+        f"{opts.runs} alternating runs each (`python benchmarks/lora_vs_hf_trainer.py`); 1-minute load "
+        f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end.\n\n"
         "| | median tokens/s | runs |\n|---|---|---|\n"
         f"| shardwise_trainer | {a:.0f} | {', '.join(f'{x:.0f}' for x in ours)} |\n"
         f"| Trainer + DeepSpeed + peft | {b:.0f} | {', '.join(f'{x:.0f}' for x in theirs)} |\n\n"
