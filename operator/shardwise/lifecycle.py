@@ -3,7 +3,9 @@
 Exit codes: the container's exit code is torchrun's. torchrun exits 1 whenever a worker fails,
 whatever the worker's own code, so a trainer that knows better can say so in its termination
 message (`/dev/termination-log`) as a line `shardwise.dev/exit-code=N`; that code then wins, and a
-line `shardwise.dev/reason=InvalidModel` (any CamelCase word) names the reason the job fails with.
+line `shardwise.dev/reason=InvalidModel` (any CamelCase word) names the reason the job fails with,
+and `shardwise.dev/retryable=true|false` says whether a new attempt can help (a lost peer can be
+retried, an out-of-memory on the same layout cannot); runPolicy's exit-code lists still win.
 Defaults follow the usual batch convention: 1–127 are the program's own errors (permanent),
 128+ are signals (retryable: OOM kills, SIGTERM from a drained node, watchdog timeouts); a pod
 that failed without a container exit code (evicted, its node lost) is retryable.
@@ -21,6 +23,8 @@ from shardwise.podstate import PodFailure
 Verdict = Literal["permanent", "retryable", "disruption"]
 _TRAINER_CODE: Final = re.compile(r"shardwise\.dev/exit-code=(\d{1,3})")
 _TRAINER_REASON: Final = re.compile(r"shardwise\.dev/reason=([A-Z][A-Za-z0-9]{0,63})")
+_TRAINER_RETRYABLE: Final = re.compile(r"shardwise\.dev/retryable=(true|false)")
+_TRAINER_LINES: Final = ("shardwise.dev/exit-code=", "shardwise.dev/reason=", "shardwise.dev/retryable=")
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -63,11 +67,15 @@ def trainer_reason(failure: PodFailure) -> tuple[str, str] | None:
     if not match:
         return None
     lines = [
-        line.strip()
-        for line in text.splitlines()
-        if line.strip() and not line.startswith(("shardwise.dev/exit-code=", "shardwise.dev/reason="))
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TRAINER_LINES)
     ]
     return match.group(1), " ".join(lines)
+
+
+def trainer_retryable(failure: PodFailure) -> bool | None:
+    """The trainer's word on whether another attempt can help (None when it said nothing)."""
+    match = _TRAINER_RETRYABLE.search(failure.message or "")
+    return None if match is None else match.group(1) == "true"
 
 
 def classify(failure: PodFailure, run_policy: dict[str, Any]) -> FailureVerdict:
@@ -83,6 +91,17 @@ def classify(failure: PodFailure, run_policy: dict[str, Any]) -> FailureVerdict:
         return FailureVerdict("permanent", code, f"exit code {code} is in runPolicy.permanentExitCodes")
     if code in retryable:
         return FailureVerdict("retryable", code, f"exit code {code} is in runPolicy.retryableExitCodes")
+    told = trainer_retryable(failure)
+    if told is not None:
+        named = trainer_reason(failure)
+        what = named[0] if named else f"exit code {code}"
+        if told:
+            return FailureVerdict(
+                "retryable", code, f"the trainer reports {what}, which a new attempt may not meet"
+            )
+        return FailureVerdict(
+            "permanent", code, f"the trainer reports {what}, which a new attempt would meet again"
+        )
     if code >= 128:
         return FailureVerdict(
             "retryable", code, f"exit code {code} (signal {code - 128}) is retryable by default"

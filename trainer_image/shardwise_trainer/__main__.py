@@ -13,8 +13,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
-from shardwise_trainer import contract
+from shardwise_trainer import contract, failures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +119,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     except contract.ContractError as exc:
         print(f"shardwise-train: {exc}", file=sys.stderr)
-        contract.write_termination_message(contract.termination_message(2, exc.reason, str(exc)))
-        return 2
+        contract.write_termination_message(
+            contract.termination_message(contract.EXIT_BAD_INPUT, exc.reason, str(exc), retryable=False),
+            first_only=True,
+        )
+        return contract.EXIT_BAD_INPUT
+    except Exception as exc:  # the traceback for the log, the classification for the operator
+        traceback.print_exc(file=sys.stderr)
+        failure = failures.classify(exc, rank=_global_rank(), peak=failures.measured_peak())
+        print(f"shardwise-train: {failure.reason}: {failure.message}", file=sys.stderr)
+        contract.write_termination_message(failure.termination_message(), first_only=True)
+        return failure.exit_code
+
+
+def _global_rank() -> int | None:
+    raw = os.environ.get("RANK")
+    return int(raw) if raw and raw.isdigit() else None
 
 
 if __name__ == "__main__":

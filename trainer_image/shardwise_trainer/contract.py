@@ -142,6 +142,10 @@ ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
 #: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
 ENV_TEST_SLOW_RANK: Final = "SHARDWISE_TEST_SLOW_RANK"
+#: Test-only switch, off by default: ``<kind>@<rank>:<step>`` makes that rank raise, at the start
+#: of that step, the error a real fault raises: ``oom`` (torch.OutOfMemoryError, as CUDA's
+#: allocator does) or ``comm`` (torch.distributed.DistNetworkError, as a lost peer does).
+ENV_TEST_FAULT: Final = "SHARDWISE_TEST_FAULT"
 
 # --------------------------------------------------------------------------------------------
 # layout.json keys (version 1)
@@ -230,10 +234,22 @@ TERMINATION_EXIT_CODE: Final = "shardwise.dev/exit-code="
 TERMINATION_REASON: Final = "shardwise.dev/reason="
 #: On success: where the trainer saved its result (the job's status.outputPath).
 TERMINATION_OUTPUT: Final = "shardwise.dev/output="
+#: Whether another attempt of the same layout can succeed (``true`` / ``false``); the trainer's
+#: word on its own failure, which the operator follows unless runPolicy's code lists say otherwise.
+TERMINATION_RETRYABLE: Final = "shardwise.dev/retryable="
 #: Reasons of exit code 2 (bad input), the job's Failed condition reason.
 REASON_INVALID_LAYOUT: Final = "InvalidLayout"
 REASON_INVALID_MODEL: Final = "InvalidModel"
 REASON_UNSUPPORTED: Final = "UnsupportedByRuntime"
+#: Reasons of a failed run (failures.classify): exit code, reason and whether a retry can help.
+EXIT_PROGRAM_ERROR: Final = 1
+EXIT_BAD_INPUT: Final = 2
+EXIT_TEMPORARY: Final = 75  # sysexits' EX_TEMPFAIL: a device or communication failure
+REASON_GPU_OUT_OF_MEMORY: Final = "GpuOutOfMemory"
+REASON_HOST_OUT_OF_MEMORY: Final = "HostOutOfMemory"
+REASON_COMMUNICATION: Final = "CommunicationError"
+REASON_DEVICE: Final = "DeviceError"
+REASON_TRAINER_ERROR: Final = "TrainerError"
 
 
 class ContractError(ValueError):
@@ -245,9 +261,12 @@ class ContractError(ValueError):
         self.reason = reason
 
 
-def termination_message(exit_code: int, reason: str, message: str) -> str:
+def termination_message(exit_code: int, reason: str, message: str, *, retryable: bool | None = None) -> str:
     """What the trainer writes to its terminationMessagePath (kubelet cap: 4096 bytes)."""
-    text = f"{TERMINATION_EXIT_CODE}{exit_code}\n{TERMINATION_REASON}{reason}\n{message}\n"
+    text = f"{TERMINATION_EXIT_CODE}{exit_code}\n{TERMINATION_REASON}{reason}\n"
+    if retryable is not None:
+        text += f"{TERMINATION_RETRYABLE}{'true' if retryable else 'false'}\n"
+    text += f"{message}\n"
     return text.encode()[:4096].decode(errors="ignore")
 
 
@@ -256,13 +275,17 @@ def success_message(output_path: str) -> str:
     return f"{TERMINATION_EXIT_CODE}0\n{TERMINATION_OUTPUT}{output_path}\n"
 
 
-def write_termination_message(text: str) -> None:
+def write_termination_message(text: str, *, first_only: bool = False) -> None:
     """Leave ``text`` where the operator reads it (the pod's termination message); only when the
-    operator named the file (never /dev/termination-log by default)."""
+    operator named the file (never /dev/termination-log by default). With ``first_only`` an
+    earlier message wins: the local rank that failed first names the cause, not the ranks that
+    failed after it because it was gone."""
     path = env(ENV_TERMINATION_LOG)
     if not path:
         return
     try:
+        if first_only and os.path.exists(path) and os.path.getsize(path) > 0:
+            return
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
     except OSError as exc:  # the message still is on stderr, the pod log

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardwise_trainer import contract, pretrained  # imports transformers only when called
+from shardwise_trainer import contract, failures, pretrained  # imports transformers only when called
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer")
@@ -225,6 +225,7 @@ def run(opts: RunOptions) -> int:
     predicted = layout.predicted_model_state_bytes(topo.pp_rank)
     slow = parse_slow_rank(env.get(contract.ENV_TEST_SLOW_RANK))
     slow_factor = slow[1] if slow and slow[0] == rank else 1.0
+    fault = failures.parse_fault(env.get(contract.ENV_TEST_FAULT))
 
     global_tokens = layout.global_batch_size * layout.sequence_length
     replica_tokens = layout.micro_batch * layout.grad_accum * layout.sequence_length
@@ -235,6 +236,8 @@ def run(opts: RunOptions) -> int:
     stats_written = 0.0
     loop_start = time.perf_counter()
     for step in range(start_step, opts.steps):
+        if fault is not None:
+            fault.maybe_raise(rank, step + 1)
         t0 = time.perf_counter()
         batches = source.step_iter(
             step=step,
@@ -338,7 +341,8 @@ def run(opts: RunOptions) -> int:
             # probe_loss: the saved model's loss on samples 0 … micro_batch-1 (eval mode), which a
             # fresh process loading the output reproduces.
             _emit({"event": "output", "path": saved, "method": layout.method, "probe_loss": probe})
-            contract.write_termination_message(contract.success_message(saved))
+            if saved:
+                contract.write_termination_message(contract.success_message(saved))
     peak = meter.peak
     summary = {
         "event": "rank",

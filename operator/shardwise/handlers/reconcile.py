@@ -392,7 +392,12 @@ class _Pass:
         where = f"{place}: {verdict.why}" if place else verdict.why
         if verdict.verdict == "permanent":
             reason = "TrainerExitedWithError" if verdict.exit_code is not None else "PodFailed"
-            told = next((t for t in map(lifecycle.trainer_reason, summary.failures) if t), None)
+            # The reason of a failure that made the verdict permanent: a pod whose peers died
+            # because of it reports only a (retryable) communication error.
+            permanent = [
+                f for f, v in zip(summary.failures, verdicts, strict=False) if v.verdict == "permanent"
+            ]
+            told = next((t for t in map(lifecycle.trainer_reason, permanent) if t), None)
             if told is not None:  # the trainer named it (bad model, unsupported layout, …)
                 reason, said = told
                 where = f"{place}: {said}" if said else where
