@@ -232,6 +232,28 @@ def test_long_conversations_are_cut_long_documents_split() -> None:
     assert packing.fit(*_sample(20, 15), 8, split=False, stats=stats) == [] and stats.dropped == 1
 
 
+def test_packed_position_ids_keep_attention_inside_each_sample(model_dir: Path) -> None:
+    """The documented packing claim, on the real model: the second sample of a packed row gets
+    the logits it gets alone (position ids restart per sample, no attention mask, no cache: what
+    CausalLMLoss passes)."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    from shardwise_trainer import pretrained  # noqa: PLC0415
+
+    assert pretrained.reads_packed_positions(AutoConfig.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    first, second = torch.arange(5, 12), torch.arange(40, 46)
+    ids = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(7), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 7:]
+        alone = model(input_ids=second[None], use_cache=False).logits[0]
+        leaky = model(input_ids=ids, use_cache=False).logits[0, 7:]  # without position ids the samples mix
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
 # --- sharding and resume -----------------------------------------------------------------------------
 
 
