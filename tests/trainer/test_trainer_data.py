@@ -468,7 +468,7 @@ def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def test_dp2_lora_on_chat_messages_trains_and_reports_validation_loss(
+def test_dp2_lora_on_chat_messages_trains_reports_validation_loss_and_resumes(
     model_dir: Path, tmp_path: Path
 ) -> None:
     layout = tmp_path / "lora-dp2.json"
@@ -480,7 +480,7 @@ def test_dp2_lora_on_chat_messages_trains_and_reports_validation_loss(
     stats = tmp_path / "stats"
     args = (
         "--hf-model", str(model_dir), "--data", str(data), "--validation-fraction", "0.1",
-        "--eval-every", "4", "--data-cache-dir", str(tmp_path / "cache"), "--stats-dir", str(stats),
+        "--eval-every", "4", "--stats-dir", str(stats), "--checkpoint-dir", str(tmp_path / "ckpt"),
     )  # fmt: skip
     result = run_trainer(layout, nproc=2, steps=8, args=args)
     (data_line,) = result.events["data"]
@@ -488,6 +488,9 @@ def test_dp2_lora_on_chat_messages_trains_and_reports_validation_loss(
         data_line["format"] == "messages" and data_line["template"] == "default" and not data_line["cached"]
     )
     assert data_line["train"]["samples"] + data_line["validation"]["samples"] == 200
+    # tokenized once for both ranks (rank 1 waited for the entry), next to the checkpoints
+    assert result.stderr.count("tokenized data: saved to") == 1
+    assert (tmp_path / "ckpt" / "data-cache").is_dir()
     losses = result.losses
     assert losses[8] < losses[1], losses
     evals = result.events["eval"]
@@ -495,3 +498,9 @@ def test_dp2_lora_on_chat_messages_trains_and_reports_validation_loss(
     for rank in (0, 1):
         rank_stats = json.loads((stats / f"rank-{rank}.json").read_text())
         assert rank_stats["validation_loss"] == pytest.approx(evals[1]["loss"])
+
+    # a restart resumes at step 8 from the checkpoint and reads the cache: no tokenization
+    resumed = run_trainer(layout, nproc=2, steps=10, args=args)
+    assert resumed.done["resumed_from"] == 8 and resumed.events["data"][0]["cached"]
+    assert "tokenized data: cached in" in resumed.stderr and "tokenized data: saved" not in resumed.stderr
+    assert sorted(resumed.losses) == [9, 10] and [e["step"] for e in resumed.events["eval"]] == [10]
