@@ -195,7 +195,7 @@ def run(opts: RunOptions) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from shardwise_trainer import build, dsconfig, metrics, outputs, stats
+    from shardwise_trainer import build, dsconfig, evaluation, metrics, outputs, stats
     from shardwise_trainer.data import TokenSource
     from shardwise_trainer.model import mark_for_grad_norm
     from shardwise_trainer.topology import build_topology
@@ -360,7 +360,7 @@ def run(opts: RunOptions) -> int:
         )
         if evaluated:
             assert validation is not None
-            validation_loss = evaluate(
+            validation_loss = evaluation.evaluate(
                 engine, source, validation, layout=layout, dp_rank=topo.dp_rank, device=device
             )
             if rank == 0:
@@ -476,28 +476,6 @@ def run(opts: RunOptions) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
-
-
-def evaluate(engine: Any, source: Any, rows: Any, *, layout: Layout, dp_rank: int, device: Any) -> float:
-    """Mean loss over the trained tokens of every validation row (all ranks take part: under
-    ZeRO-3 each forward is a collective)."""
-    import torch
-    import torch.distributed as dist
-
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
-    engine.eval()
-    with torch.no_grad():
-        for batch in source.eval_batches(rows, dp_rank=dp_rank, dp=layout.dp, micro_batch=layout.micro_batch,
-                                         device=device):  # fmt: skip
-            tokens = int((batch[1] != -100).sum())
-            loss = engine(*batch)
-            if tokens:  # a filler batch (loss NaN) counts for nothing
-                total[0] += float(loss) * tokens
-                total[1] += tokens
-    engine.train()
-    if dist.get_world_size() > 1:
-        dist.all_reduce(total)
-    return float(total[0] / total[1]) if float(total[1]) else float("nan")
 
 
 def layout_summary(layout: Layout) -> str:

@@ -146,7 +146,8 @@ def _parquet(path: Path) -> Iterator[_Raw]:
 
 def _text_file(path: Path) -> Iterator[_Raw]:
     """Documents of a ``.txt`` file: runs of non-blank lines."""
-    index, start, lines = 0, 0, []
+    index, start = 0, 0
+    lines: list[str] = []
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if line.strip():
