@@ -57,8 +57,14 @@ def save_tokenizer(directory: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Every printable ASCII byte, newline and space is in the alphabet (byte-level symbols), so
+    # ASCII text round-trips through encode / decode without <unk> (the data tests decode labels).
+    alphabet = [chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"]
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

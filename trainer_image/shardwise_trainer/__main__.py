@@ -33,8 +33,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="total optimizer steps of the run (default 100)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--synthetic-data", action="store_true", help="deterministic synthetic token stream")
-    data.add_argument("--data", help="raw token file (uint16 or int32 little-endian ids, no header)")
+    data.add_argument(
+        "--data",
+        default=os.environ.get(contract.ENV_DATA_FILE) or None,
+        help="data file: raw token ids, or records (.jsonl / .json / .parquet / .txt, see --data-format; "
+        "env SHARDWISE_DATA)",
+    )
     p.add_argument("--token-dtype", choices=("uint16", "int32"), default="uint16")
+    p.add_argument(
+        "--data-format",
+        default=os.environ.get(contract.ENV_DATA_FORMAT) or "auto",
+        help="auto (default: by extension and fields), tokens, text, alpaca, sharegpt, messages "
+        "(env SHARDWISE_DATA_FORMAT); records need --hf-model (its tokenizer and chat template)",
+    )
+    p.add_argument(
+        "--packing",
+        default=os.environ.get(contract.ENV_PACKING) or "pack",
+        help="pack (default: samples packed whole into rows, positions restart per sample) or pad "
+        "(one sample per row) (env SHARDWISE_PACKING)",
+    )
+    p.add_argument(
+        "--data-cache-dir",
+        default=os.environ.get(contract.ENV_DATA_CACHE_DIR) or "",
+        metavar="DIR",
+        help="where tokenized records are cached (env SHARDWISE_DATA_CACHE_DIR); default "
+        "<checkpoint dir>/data-cache, else $TMPDIR/shardwise-data-cache",
+    )
+    p.add_argument(
+        "--validation-data",
+        default=os.environ.get(contract.ENV_VALIDATION_DATA) or None,
+        metavar="FILE",
+        help="validation records (env SHARDWISE_VALIDATION_DATA)",
+    )
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=float(os.environ.get(contract.ENV_VALIDATION_FRACTION) or 0.0),
+        metavar="F",
+        help="hold out this fraction of the --data records (env SHARDWISE_VALIDATION_FRACTION)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=int(os.environ.get(contract.ENV_EVAL_EVERY) or 0),
+        metavar="N",
+        help="validation loss every N steps (and at the end); 0 = at the end only (env SHARDWISE_EVAL_EVERY)",
+    )
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="Jinja chat template replacing the tokenizer's"
+    )
     p.add_argument("--seed", type=int, default=1234, help="model init and synthetic data seed")
     p.add_argument("--lr", type=float, default=None, help="override the DeepSpeed config's learning rate")
     p.add_argument(
@@ -115,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 hf_model=args.hf_model,
                 trust_remote_code=args.trust_remote_code,
                 output_dir=args.output_dir,
+                data_format=args.data_format,
+                packing=args.packing,
+                data_cache_dir=args.data_cache_dir,
+                validation_data=args.validation_data,
+                validation_fraction=args.validation_fraction,
+                eval_every=args.eval_every,
+                chat_template=args.chat_template,
             )
         )
     except contract.ContractError as exc:

@@ -139,6 +139,17 @@ ENV_TRUST_REMOTE_CODE: Final = "SHARDWISE_TRUST_REMOTE_CODE"
 #: Optional, set by the user: directory the result is saved to in Hugging Face format.
 ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
 
+#: Optional, set from the job spec (never by the operator today; same as the flags of the same
+#: names, docs/trainer.md "Data"): the data file, its format, the packing policy, where the
+#: tokenized data is cached, the validation file / fraction and the evaluation interval.
+ENV_DATA_FILE: Final = "SHARDWISE_DATA"
+ENV_DATA_FORMAT: Final = "SHARDWISE_DATA_FORMAT"
+ENV_PACKING: Final = "SHARDWISE_PACKING"
+ENV_DATA_CACHE_DIR: Final = "SHARDWISE_DATA_CACHE_DIR"
+ENV_VALIDATION_DATA: Final = "SHARDWISE_VALIDATION_DATA"
+ENV_VALIDATION_FRACTION: Final = "SHARDWISE_VALIDATION_FRACTION"
+ENV_EVAL_EVERY: Final = "SHARDWISE_EVAL_EVERY"
+
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
 #: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
 ENV_TEST_SLOW_RANK: Final = "SHARDWISE_TEST_SLOW_RANK"
@@ -241,6 +252,8 @@ TERMINATION_RETRYABLE: Final = "shardwise.dev/retryable="
 REASON_INVALID_LAYOUT: Final = "InvalidLayout"
 REASON_INVALID_MODEL: Final = "InvalidModel"
 REASON_UNSUPPORTED: Final = "UnsupportedByRuntime"
+#: The training data cannot be read (missing file, unknown format, a record without its fields).
+REASON_INVALID_DATASET: Final = "InvalidDataset"
 #: Reasons of a failed run (failures.classify): exit code, reason and whether a retry can help.
 EXIT_PROGRAM_ERROR: Final = 1
 EXIT_BAD_INPUT: Final = 2

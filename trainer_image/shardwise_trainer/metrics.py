@@ -40,6 +40,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
         "Tokens this rank's data-parallel replica processed per second, last step.",
     ),
     ("loss", "gauge", "Training loss of the last step (mean over the global batch)."),
+    ("validation_loss", "gauge", "Loss on the validation split at the last evaluation (--eval-every)."),
     ("memory_bytes", "gauge", "Memory of this rank by kind (model states, device and process memory)."),
     ("model_state_bytes", "gauge", "Parameters + gradients + optimizer states this rank holds (peak)."),
     ("predicted_model_state_bytes", "gauge", "The plan's model-state bytes for this rank's stage."),

@@ -301,6 +301,14 @@ def count_parameters(module: Any) -> int:
     return total
 
 
+def reads_packed_positions(config: Any) -> bool:
+    """Whether the model keeps attention inside each sample of a packed row given position ids
+    that restart per sample: transformers' own decoders (their causal-mask builder detects packed
+    sequences from the position ids, on every attention backend). Remote code and Qwen2-VL's 3-D
+    rope positions are not known to: they get no position ids."""
+    return not getattr(config, "auto_map", None) and not is_vision_language(config)
+
+
 #: Prefix of the wrapped model's keys in the engine's state dict (``CausalLMLoss.model``).
 WRAPPED_PREFIX = "model."
 
@@ -319,8 +327,13 @@ def wrap_for_training(model: Any) -> Any:
             self.model = inner
             self._tp = TPContext(size=1, rank=0, group=None)
 
-        def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            logits = self.model(input_ids=ids, use_cache=False).logits
+        def forward(
+            self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            # Packed rows carry position ids restarting per sample: transformers then masks
+            # attention to each sample (reads_packed_positions). Labels -100 are ignored.
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            logits = self.model(input_ids=ids, use_cache=False, **extra).logits
             return lm_loss(logits, labels, self._tp)
 
     model.train()  # from_pretrained returns the model in eval mode

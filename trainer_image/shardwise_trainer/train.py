@@ -7,6 +7,10 @@ else on stdout is library chatter):
   after every optimizer step (``tokens_per_s``: the global batch's tokens / the step's time);
 * ``{"event": "rank", "rank": 1, "model_state_bytes": ..., "peak_memory_bytes": ..., ...}``
   once per rank at the end (gathered to rank 0);
+* ``{"event": "data", "format": "messages", "rows": 120, "cached": false, ...}`` once, before
+  the first step, for record data (data/source.py);
+* ``{"event": "eval", "step": 10, "loss": 2.3}`` every ``--eval-every`` steps and at the end
+  when there is a validation split;
 * ``{"event": "done", "steps": 10, "resumed_from": 0}``.
 
 ``--steps K`` is the total number of optimizer steps of the run: a resumed attempt continues from
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,8 @@ from typing import Any
 
 from shardwise_trainer import contract, failures, pretrained  # imports transformers only when called
 from shardwise_trainer.contract import Layout
+from shardwise_trainer.data import records
+from shardwise_trainer.data.records import InvalidDataset
 
 log = logging.getLogger("shardwise_trainer")
 #: Least time between two rewrites of a rank's stats file (the first and last step always write).
@@ -56,6 +63,62 @@ class RunOptions:
     hf_model: str | None = None  # a local Hugging Face model directory (pretrained.py), else built-in
     trust_remote_code: bool = False  # run modelling code shipped in the model directory (opt-in)
     output_dir: str = ""  # where the result is saved in Hugging Face format (outputs.py); "" = not saved
+    data_format: str = records.AUTO  # data/records.py FORMATS
+    packing: str = "pack"  # data/packing.py POLICIES
+    data_cache_dir: str = ""  # "" = <checkpoint dir>/data-cache, else $TMPDIR/shardwise-data-cache
+    validation_data: str | None = None
+    validation_fraction: float = 0.0
+    eval_every: int = 0  # 0 = evaluate at the end only (when there is a validation split)
+    chat_template: str | None = None  # a Jinja template file replacing the tokenizer's
+
+
+def data_options(opts: RunOptions, layout: Layout) -> Any:
+    """The record-data options of the run (data/source.py DataOptions), or None for a token file
+    or synthetic data; every argument error here, before torch loads."""
+    from shardwise_trainer.data import source
+
+    has_validation = bool(opts.validation_data or opts.validation_fraction)
+    if opts.eval_every < 0:
+        raise InvalidDataset(f"--eval-every {opts.eval_every}: expected N >= 0")
+    if opts.eval_every and not has_validation:
+        raise InvalidDataset(
+            "--eval-every needs a validation split: --validation-data FILE or --validation-fraction F"
+        )
+    if opts.synthetic:
+        fmt = records.TOKENS
+    else:
+        fmt = records.resolve_format(records.check_path(opts.data_file, "--data"), opts.data_format)
+    if fmt == records.TOKENS:
+        if has_validation:
+            raise InvalidDataset(
+                "a validation split needs record data (--data-format text, alpaca, sharegpt, messages)"
+            )
+        return None
+    if not opts.hf_model:
+        raise InvalidDataset(
+            f"--data {opts.data_file} is {fmt} records: tokenizing them needs the model's tokenizer, "
+            "give --hf-model DIR (token files and --synthetic-data run without one)"
+        )
+    cache_dir = opts.data_cache_dir or (
+        str(Path(opts.checkpoint_dir) / "data-cache")
+        if opts.checkpoint_dir
+        else str(Path(tempfile.gettempdir()) / "shardwise-data-cache")
+    )
+    d = source.DataOptions(
+        data_file=str(opts.data_file),
+        data_format=fmt,
+        packing=opts.packing,
+        sequence_length=layout.sequence_length,
+        seed=opts.seed,
+        model_dir=opts.hf_model,
+        trust_remote_code=opts.trust_remote_code,
+        cache_dir=cache_dir,
+        validation_file=opts.validation_data,
+        validation_fraction=opts.validation_fraction,
+        chat_template_file=opts.chat_template,
+    )
+    source.check(d)
+    return d
 
 
 def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
@@ -109,6 +172,7 @@ def run(opts: RunOptions) -> int:
                 "--output-dir saves a model in Hugging Face format: it needs --hf-model (the built-in "
                 "model has no Hugging Face class; its DeepSpeed checkpoints are in --checkpoint-dir)"
             )
+    record_opts = data_options(opts, layout)
     _single_process_env()
 
     import torch  # heavy imports after argument / layout errors are reported
@@ -123,10 +187,15 @@ def run(opts: RunOptions) -> int:
         if opts.hf_model
         else None
     )
+    prepared = None
+    if record_opts is not None:  # tokenized once per node (local rank 0), the others wait
+        from shardwise_trainer.data import source as record_source
+
+        prepared = record_source.prepare(record_opts, builder=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     import deepspeed
     import torch.distributed as dist
 
-    from shardwise_trainer import build, dsconfig, metrics, outputs, stats
+    from shardwise_trainer import build, dsconfig, evaluation, metrics, outputs, stats
     from shardwise_trainer.data import TokenSource
     from shardwise_trainer.model import mark_for_grad_norm
     from shardwise_trainer.topology import build_topology
@@ -182,13 +251,28 @@ def run(opts: RunOptions) -> int:
             if rank == 0:
                 log.warning("resumed from %s at step %d", path, start_step)
 
-    source = TokenSource(
-        vocab_size=arch.vocab_size,
-        sequence_length=layout.sequence_length,
-        seed=opts.seed,
-        path=None if opts.synthetic else opts.data_file,
-        token_dtype=opts.token_dtype,
-    )
+    source: Any
+    if prepared is not None:
+        from shardwise_trainer.data.source import RecordSource
+
+        positions = opts.packing == "pack" and pretrained.reads_packed_positions(hf_config)
+        if rank == 0 and opts.packing == "pack" and not positions:
+            log.warning(
+                "packed rows without per-sample attention: the model is not known to read packed position ids"
+            )
+        source = RecordSource(prepared.train, seed=opts.seed, with_positions=positions)
+        if rank == 0:
+            _emit({"event": "data", **prepared.meta, "cached": prepared.cached, "seconds": prepared.seconds})
+    else:
+        source = TokenSource(
+            vocab_size=arch.vocab_size,
+            sequence_length=layout.sequence_length,
+            seed=opts.seed,
+            path=None if opts.synthetic else opts.data_file,
+            token_dtype=opts.token_dtype,
+        )
+    validation = prepared.validation if prepared is not None else None
+    validation_loss: float | None = None
     env = os.environ
     node_rank = contract.env_int(contract.ENV_NODE_RANK)
     labels = {
@@ -252,8 +336,8 @@ def run(opts: RunOptions) -> int:
             loss_t = engine.train_batch(data_iter=batches).detach().float()
         else:
             total = torch.zeros((), device=device)
-            for ids, lab in batches:
-                loss = engine(ids, lab)
+            for batch in batches:  # (ids, labels) or, packed records, (ids, labels, position_ids)
+                loss = engine(*batch)
                 engine.backward(loss)
                 meter.sample()
                 engine.step()
@@ -274,10 +358,24 @@ def run(opts: RunOptions) -> int:
         loss_value = float(loss_t)
         step_seconds = t1 - t0
         done = step + 1
+        evaluated = validation is not None and (
+            done == opts.steps or bool(opts.eval_every and done % opts.eval_every == 0)
+        )
+        if evaluated:
+            assert validation is not None
+            validation_loss = evaluation.evaluate(
+                engine, source, validation, layout=layout, dp_rank=topo.dp_rank, device=device
+            )
+            if rank == 0:
+                _emit({"event": "eval", "step": done, "loss": validation_loss, "rows": len(validation)})
         t_stats = time.perf_counter()
         # The stats file is what the pod's endpoint serves and the operator scrapes every few
         # seconds: refreshing it more often than STATS_REFRESH_SECONDS only costs step time.
-        if done in (start_step + 1, opts.steps) or t_stats - stats_written >= STATS_REFRESH_SECONDS:
+        if (
+            evaluated
+            or done in (start_step + 1, opts.steps)
+            or t_stats - stats_written >= STATS_REFRESH_SECONDS
+        ):
             stats_written = t_stats
             mem = dict(dev.memory())
             peak = meter.peak
@@ -294,6 +392,7 @@ def run(opts: RunOptions) -> int:
                     "wait_seconds": wait,
                     "tokens_per_second": replica_tokens / step_seconds,
                     "loss": loss_value,
+                    "validation_loss": validation_loss,
                     "memory_bytes": mem,
                     "model_state_bytes": peak.total,
                     "predicted_model_state_bytes": predicted,
@@ -326,7 +425,7 @@ def run(opts: RunOptions) -> int:
     if opts.output_dir and hf_model is not None:
         probe_ids, probe_labels = source.micro_batch(
             step=0, micro=0, dp_rank=0, dp=1, micro_batch=layout.micro_batch, global_batch=layout.micro_batch
-        )
+        )[:2]
         probe = outputs.probe_loss(engine, probe_ids.to(device), probe_labels.to(device))
         saved = outputs.save(
             engine,
