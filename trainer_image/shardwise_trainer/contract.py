@@ -139,8 +139,8 @@ ENV_TRUST_REMOTE_CODE: Final = "SHARDWISE_TRUST_REMOTE_CODE"
 #: Optional, set by the user: directory the result is saved to in Hugging Face format.
 ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
 
-#: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
-#: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
+#: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's compute ``factor`` times
+#: as long (extra matrix multiplications inside its forward, straggle.py). Never set by the operator.
 ENV_TEST_SLOW_RANK: Final = "SHARDWISE_TEST_SLOW_RANK"
 
 # --------------------------------------------------------------------------------------------
