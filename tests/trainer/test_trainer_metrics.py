@@ -17,6 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from trainer_runner import RunCache, RunResult, free_port, parse_output, torchrun_cmd, trainer_env
 
+from shardwise.metrics.analysis import AnalysisSettings, JobWindows, analyse, ingest, parse_page
+from shardwise.metrics.synthetic import uniform_plan
+
 pytestmark = pytest.mark.trainer
 
 LABELS = {"namespace", "job", "pod", "node", "rank", "local_rank", "gpu", "stage"}
@@ -47,6 +50,26 @@ def _medians(pages: list[str], name: str) -> dict[str, float]:
         for labels, value in samples.get(f"shardwise_trainer_{name}", []):
             by_rank.setdefault(labels["rank"], {})[steps[labels["rank"]]] = value
     return {rank: statistics.median(values.values()) for rank, values in by_rank.items()}
+
+
+def _flagged_per_window(pages: list[str], settings: AnalysisSettings) -> list[tuple[frozenset[int], dict]]:
+    """The pure analysis fed the scraped pages in order, one pass per tumbling window.
+
+    A pass runs once every rank has ``window_size`` new distinct samples; returns, per pass,
+    who is flagged and each rank's score.
+    """
+    plan = uniform_plan(dp=2)
+    state = JobWindows()
+    out: list[tuple[frozenset[int], dict]] = []
+    for text in pages:
+        state = ingest(state, parse_page(text, plan.world_size).samples, settings)
+        if len(state.windows) == 2 and all(
+            w.new_samples >= settings.window_size for w in state.windows.values()
+        ):
+            state, result = analyse(state, plan, settings)
+            scores = {r.identity.rank: r.score for r in result.stragglers.ranks}
+            out.append((frozenset(r.identity.rank for r in result.stragglers.findings), scores))
+    return out
 
 
 def test_stats_endpoint_during_run(trainer_runs: RunCache, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -103,6 +126,20 @@ def test_stats_endpoint_during_run(trainer_runs: RunCache, tmp_path) -> None:  #
     assert compute["1"] > 2 * compute["0"], f"slowed rank 1 does not compute longer: {compute}"
     # ... while its wall step time does not tell it apart: rank 0 waits inside the all-reduce.
     assert step["1"] / step["0"] < compute["1"] / compute["0"] / 1.5, (step, compute)
+    # The operator's pure analysis, fed these real pages, flags rank 1 within 3 windows (and
+    # rank 0 never); on the wall step time it would see nothing to flag.
+    windows = AnalysisSettings(window_size=3, min_samples=3)
+    on_compute = _flagged_per_window(pages, windows)
+    assert len(on_compute) >= 3, f"too few windows scraped: {len(on_compute)}"
+    assert on_compute[2][0] == {1}, on_compute
+    assert all(flagged <= {1} for flagged, _ in on_compute), on_compute
+    on_step = _flagged_per_window(
+        pages, AnalysisSettings(window_size=3, min_samples=3, straggler_signal="Step")
+    )
+    assert all(scores[1] < on_compute[i][1][1] for i, (_, scores) in enumerate(on_step)), (
+        on_step,
+        on_compute,
+    )
     for labels, value in scraped["shardwise_trainer_compute_seconds"]:
         parts = {
             name: next(v for lab, v in scraped[f"shardwise_trainer_{name}"] if lab["rank"] == labels["rank"])

@@ -47,6 +47,8 @@ class RankSample:
     step: int | None = None
     step_seconds: float | None = None
     wait_seconds: float | None = None
+    compute_seconds: float | None = None
+    communication_seconds: float | None = None
     tokens_per_second: float | None = None
     memory_bytes: tuple[tuple[str, float], ...] = ()
     model_state_bytes: float | None = None
@@ -71,6 +73,8 @@ _SCALAR_FIELDS = {
     "step": "step",
     "step_seconds": "step_seconds",
     "wait_seconds": "wait_seconds",
+    "compute_seconds": "compute_seconds",
+    "communication_seconds": "communication_seconds",
     "tokens_per_second": "tokens_per_second",
     "model_state_bytes": "model_state_bytes",
     "predicted_model_state_bytes": "predicted_model_state_bytes",
