@@ -1,23 +1,4 @@
-"""Time a rank spends inside ``torch.distributed`` collectives, and its compute time per step.
-
-Why: with data parallelism every rank waits for the slowest one *inside* the gradient
-all-reduce, so wall step times even out and a slow rank hides. What differs is the time spent
-outside collectives: ``compute = step wall time - time inside communication calls``.
-
-:func:`install` wraps the communication functions of ``torch.distributed`` (and of
-``torch.distributed.distributed_c10d``, where DeepSpeed reaches for the ``_base`` /
-``_coalescing_manager`` variants) once per process, before DeepSpeed binds them (its comm
-backend keeps references to ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` from
-``init_distributed``). Each wrapper adds two ``perf_counter`` calls; a collective called from
-inside another wrapped one (``all_gather_object`` calls ``all_gather``) is counted once. An
-``async_op`` call returns its ``Work`` wrapped so that ``wait()`` is timed too: on CPU (gloo) the
-waiting happens there. ``_coalescing_manager`` blocks are timed as a whole (the ops queued
-inside run when the block exits).
-
-On GPU, host time around an NCCL call is its launch, not the transfer: :class:`CudaPhaseClock`
-measures compute with CUDA events around forward / backward / optimizer instead and reports
-communication as the rest of the step. Both clocks share :class:`StepClock`'s interface.
-"""
+"""A rank's per-step compute vs communication time, from timed torch.distributed calls."""
 
 # ruff: noqa: PLC0415  (torch is imported lazily: the module is imported by pure code paths too)
 from __future__ import annotations
@@ -80,32 +61,43 @@ class CommTimer:
     def total(self) -> float:
         return self._total
 
-    def _depth(self) -> int:
-        return int(getattr(self._local, "depth", 0))
+    def _enter(self) -> int:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
+        return int(depth)
+
+    def _leave(self, depth: int, t0: float) -> None:
+        elapsed = time.perf_counter() - t0
+        self._local.depth = depth
+        if depth == 0:  # a call made by another timed call is already counted by it
+            with self._lock:
+                self._total += elapsed
+                self.calls += 1
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
         """Count the block's time, unless it runs inside another timed block of this thread."""
-        depth = self._depth()
-        self._local.depth = depth + 1
+        depth = self._enter()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - t0
-            self._local.depth = depth
-            if depth == 0:
-                with self._lock:
-                    self._total += elapsed
-                    self.calls += 1
+            self._leave(depth, t0)
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` timed; a returned ``Work`` (or list of them) has its ``wait()`` timed too."""
 
+        # Inlined rather than ``with self.timing()``: a generator context manager costs
+        # microseconds, and collectives are called hundreds of times per step.
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.timing():
+            depth = self._enter()
+            t0 = time.perf_counter()
+            try:
                 out = fn(*args, **kwargs)
+            finally:
+                self._leave(depth, t0)
             return _wrap_work(self, out)
 
         setattr(timed, _MARK, fn)
@@ -135,8 +127,12 @@ class TimedWork:
         self._work = work
 
     def wait(self, *args: Any, **kwargs: Any) -> Any:
-        with self._timer.timing():
+        depth = self._timer._enter()
+        t0 = time.perf_counter()
+        try:
             return self._work.wait(*args, **kwargs)
+        finally:
+            self._timer._leave(depth, t0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._work, name)
@@ -161,7 +157,13 @@ _install_lock = threading.Lock()
 
 
 def install() -> CommTimer:
-    """Wrap ``torch.distributed``'s communication functions (idempotent); the process's timer."""
+    """Wrap ``torch.distributed``'s communication functions (idempotent); the process's timer.
+
+    Call it before ``deepspeed.init_distributed``: DeepSpeed's comm backend keeps references to
+    ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` from then on. Both namespaces are
+    patched because DeepSpeed reaches into ``distributed_c10d`` for the ``_base`` and
+    ``_coalescing_manager`` variants.
+    """
     global _installed  # noqa: PLW0603  (one set of wrappers per process, whoever asks first)
     with _install_lock:
         if _installed is not None:

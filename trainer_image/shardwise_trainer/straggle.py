@@ -1,16 +1,4 @@
-"""Test-only straggler: extra matrix multiplications inside one rank's forward pass.
-
-``SHARDWISE_TEST_SLOW_RANK=<rank>:<factor>`` (contract.ENV_TEST_SLOW_RANK) makes that rank's
-*compute* about ``factor`` times as long, the way a slow GPU would: the extra work runs inside
-the model's forward (a forward hook on the engine's module), before the step's collectives, so
-the other ranks wait for it inside the gradient all-reduce / pipeline receives and every rank's
-wall step time grows alike. (A sleep after the step, which the switch did before, slows nothing
-real and let wall step times tell the ranks apart.)
-
-The extra work per step is ``(factor - 1)`` times the rank's own compute time of the previous
-step without the injected work, spread over that step's forward calls; the first step of the
-run is not slowed (nothing is measured yet).
-"""
+"""Test-only straggler (SHARDWISE_TEST_SLOW_RANK): extra matmuls inside one rank's forward pass."""
 
 # ruff: noqa: PLC0415  (torch is imported lazily, like everywhere in the trainer)
 from __future__ import annotations
@@ -41,7 +29,13 @@ def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
 
 
 class SlowCompute:
-    """Burns ``(factor - 1) x`` the rank's measured compute inside its forward calls."""
+    """Burns ``(factor - 1) x`` the rank's measured compute inside its forward calls.
+
+    Inside the forward, before the step's collectives, as a slow GPU would be: the peers wait
+    for it inside the gradient all-reduce, so every rank's wall step time grows alike (a sleep
+    after the step, the switch's old behaviour, let wall times tell the ranks apart). Sized
+    from the previous step's compute without the burn, so the factor does not compound.
+    """
 
     def __init__(self, factor: float, forwards_per_step: int) -> None:
         import torch
