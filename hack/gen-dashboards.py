@@ -614,8 +614,9 @@ def stragglers() -> Json:
                 (f"1 + shardwise_job_straggler_threshold_ratio{{{JOB}}}", "threshold"),
             ),
             unit="none",
-            description="A rank's median step time over the window / the median of the other ranks of "
-            "its pipeline stage. Flagged after 3 windows above the threshold.",
+            description="A rank's median compute time (outside collectives) over the window / the median "
+            "of the other ranks of its pipeline stage; for a stage of one rank, its compute share of the "
+            "step / the other stages'. Flagged after stragglerWindows (3) windows above the threshold.",
             overrides=[override_ref("B", **dashed("red"))],
         ),
         24,
@@ -646,10 +647,34 @@ def stragglers() -> Json:
     )
     g.add(
         timeseries(
+            "Compute time per rank",
+            targets((f"shardwise_rank_compute_seconds{{{JOB}}}", RANK_LEGEND)),
+            unit="s",
+            minimum=0,
+            description="Median time per step outside collectives: what the score compares. A slow rank "
+            "computes longer; its peers wait for it inside the collectives.",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Communication time per rank",
+            targets((f"shardwise_rank_communication_seconds{{{JOB}}}", RANK_LEGEND)),
+            unit="s",
+            minimum=0,
+            description="Median time per step inside collectives, waits for slower peers included.",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
             "Step time per rank",
             targets((f"shardwise_rank_step_seconds{{{JOB}}}", RANK_LEGEND)),
             unit="s",
             minimum=0,
+            description="Wall time per step: with synchronous collectives it evens out across ranks.",
         ),
         12,
         8,
@@ -666,7 +691,7 @@ def stragglers() -> Json:
     return dashboard(
         "shardwise-stragglers",
         "shardwise / Stragglers",
-        "Straggler score per rank, current stragglers, step times.",
+        "Straggler score per rank, current stragglers, compute, communication and step times.",
         g,
         multi_job=False,
     )

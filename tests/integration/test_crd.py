@@ -540,6 +540,9 @@ def test_defaults_are_applied(cluster: LocalCluster, ns: str) -> None:
     assert spec["monitoring"] == {
         "scrapeIntervalSeconds": 15,
         "stragglerThreshold": 0.2,
+        "stragglerSignal": "Compute",
+        "stragglerWindows": 3,
+        "stragglerStageThreshold": 0.5,
         "memoryImbalanceThreshold": 0.1,
     }
     # Unknown fields inside the pod spec are kept (it is a free-form PodSpec).

@@ -235,7 +235,9 @@ def test_window_is_bounded_and_deduplicates_steps() -> None:
 
 
 def test_stage_of_one_rank_and_too_few_samples_mean_insufficient_data() -> None:
-    run = Run(SyntheticJob("ns", "j", uniform_plan(pp=4, dp=1)))
+    """On the step signal a stage of one rank has no peer (on compute it is compared by share)."""
+    step_only = AnalysisSettings(straggler_signal="Step")
+    run = Run(SyntheticJob("ns", "j", uniform_plan(pp=4, dp=1)), settings=step_only)
     for _ in range(5):
         run.window()
     assert run.last is not None
@@ -254,7 +256,7 @@ def test_stage_of_one_rank_and_too_few_samples_mean_insufficient_data() -> None:
 
 def test_job_throughput_sums_replicas_at_their_slowest_rank() -> None:
     plan = uniform_plan(tp=2, pp=2, dp=2)  # replicas: dp_rank 0 = ranks 0,1,4,5; 1 = 2,3,6,7
-    job = SyntheticJob("ns", "j", plan, slow={5: 2.0}, noise=0.0, tokens_per_step=1000.0)
+    job = SyntheticJob("ns", "j", plan, slow={5: 2.0}, noise=0.0, tokens_per_step=1000.0, sync="none")
     state = JobWindows()
     for step in range(3):
         state = ingest(state, job.samples(step), SETTINGS)
@@ -489,6 +491,11 @@ def test_parses_the_trainers_real_exposition() -> None:
         0,
     )
     assert (s.step, s.step_seconds, s.wait_seconds, s.tokens_per_second) == (12, 1.5, 0.01, 4096.0)
+    assert (s.compute_seconds, s.communication_seconds) == (None, None)  # an older trainer: absent
+    s = parse_trainer_metrics(
+        trainer_metrics.render([trainer_stats(0, compute_seconds=0.4, communication_seconds=0.1)])
+    )[0]
+    assert (s.compute_seconds, s.communication_seconds) == (0.4, 0.1)
     assert s.used_bytes == 3 * GIB and s.capacity_bytes == 24 * GIB
     assert s.model_state_bytes == 2 * GIB and s.predicted_model_state_bytes == 2 * GIB
     assert s.timestamp == 1_700_000_000.5
@@ -582,7 +589,13 @@ def pod_pages(job: SyntheticJob, step: int) -> dict[str, str]:
     """Each pod's stats page, rendered by the trainer's own code from synthetic samples."""
     pages: dict[str, list[dict[str, object]]] = {}
     for s in job.samples(step):
-        stats = trainer_stats(s.rank, step=s.step, step_seconds=s.step_seconds)
+        stats = trainer_stats(
+            s.rank,
+            step=s.step,
+            step_seconds=s.step_seconds,
+            compute_seconds=s.compute_seconds,
+            communication_seconds=s.communication_seconds,
+        )
         stats["labels"] = {
             "namespace": s.namespace,
             "job": s.job,

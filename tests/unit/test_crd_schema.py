@@ -229,6 +229,9 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
     assert set(get(schema, "spec.monitoring")["properties"]) == {
         "scrapeIntervalSeconds",
         "stragglerThreshold",
+        "stragglerSignal",
+        "stragglerWindows",
+        "stragglerStageThreshold",
         "memoryImbalanceThreshold",
     }
 
@@ -243,6 +246,7 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         ("spec.model.architecture.mlp", ["swiglu", "gelu"]),
         ("spec.model.architecture.norm", ["rmsnorm", "layernorm"]),
         ("spec.model.architecture.positionEmbedding", ["rope", "learned"]),
+        ("spec.monitoring.stragglerSignal", ["Compute", "Step"]),
     ],
 )
 def test_closed_sets_are_enums(schema: Schema, field: str, values: list[str]) -> None:
@@ -263,6 +267,9 @@ def test_closed_sets_are_enums(schema: Schema, field: str, values: list[str]) ->
         ("spec.runPolicy.replanOnNodeLoss", True),
         ("spec.monitoring.scrapeIntervalSeconds", 15),
         ("spec.monitoring.stragglerThreshold", 0.2),
+        ("spec.monitoring.stragglerSignal", "Compute"),
+        ("spec.monitoring.stragglerWindows", 3),
+        ("spec.monitoring.stragglerStageThreshold", 0.5),
         ("spec.monitoring.memoryImbalanceThreshold", 0.1),
         # A parent default lets the nested defaults apply when the section is omitted. training's
         # is spelled out: the API server checks a default against the CEL rules of its own node

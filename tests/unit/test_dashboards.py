@@ -211,6 +211,7 @@ def test_the_required_panels_exist() -> None:
         assert f"shardwise_gpu_memory_{metric}" in memory
     strag = exprs("shardwise-stragglers.json")
     assert "shardwise_rank_straggler_score" in strag and "shardwise_rank_straggler{" in strag
+    assert "shardwise_rank_compute_seconds" in strag and "shardwise_rank_communication_seconds" in strag
     titles = [p["title"] for p in boards["shardwise-stragglers.json"]["panels"]]
     assert "Current stragglers" in titles and "Straggler score per rank" in titles
     health = exprs("shardwise-operator.json")

@@ -123,7 +123,7 @@ def test_per_gpu_and_per_rank_series_carry_bounded_labels() -> None:
     assert values[("shardwise_job_stragglers", None)] == 1.0
     per_job = [n for n, lab, _ in got if set(lab) <= {"namespace", "job", "stage", "pod"}]
     assert len(per_job) <= 12  # job + per-stage series: a handful, not per rank
-    assert len(got) == 8 * 10 + len(per_job)  # 6 per-GPU + 4 per-rank gauges per rank
+    assert len(got) == 8 * 13 + len(per_job)  # 6 per-GPU + 7 per-rank gauges per rank
 
 
 def test_scrape_errors_counter_and_restarts() -> None:

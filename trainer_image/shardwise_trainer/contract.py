@@ -150,8 +150,8 @@ ENV_VALIDATION_DATA: Final = "SHARDWISE_VALIDATION_DATA"
 ENV_VALIDATION_FRACTION: Final = "SHARDWISE_VALIDATION_FRACTION"
 ENV_EVAL_EVERY: Final = "SHARDWISE_EVAL_EVERY"
 
-#: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's steps ``factor`` times
-#: slower (it sleeps ``(factor - 1) * step_time`` after each local step). Never set by the operator.
+#: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's compute ``factor`` times
+#: as long (extra matrix multiplications inside its forward, straggle.py). Never set by the operator.
 ENV_TEST_SLOW_RANK: Final = "SHARDWISE_TEST_SLOW_RANK"
 #: Test-only switch, off by default: ``<kind>@<rank>:<step>`` makes that rank raise, at the start
 #: of that step, the error a real fault raises: ``oom`` (torch.OutOfMemoryError, as CUDA's

@@ -35,6 +35,17 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ),
     ("wait_seconds", "gauge", "Time this rank waited for the slowest rank at the end of its last step."),
     (
+        "compute_seconds",
+        "gauge",
+        "Time of this rank's last step spent outside communication calls (step_seconds minus "
+        "communication_seconds; CUDA-event time of forward, backward and optimizer on GPU).",
+    ),
+    (
+        "communication_seconds",
+        "gauge",
+        "Time of this rank's last step spent inside torch.distributed / DeepSpeed communication calls.",
+    ),
+    (
         "tokens_per_second",
         "gauge",
         "Tokens this rank's data-parallel replica processed per second, last step.",

@@ -36,6 +36,7 @@ from shardwise_trainer import contract, failures, pretrained  # imports transfor
 from shardwise_trainer.contract import Layout
 from shardwise_trainer.data import records
 from shardwise_trainer.data.records import InvalidDataset
+from shardwise_trainer.straggle import parse_slow_rank
 
 log = logging.getLogger("shardwise_trainer")
 #: Least time between two rewrites of a rank's stats file (the first and last step always write).
@@ -121,19 +122,6 @@ def data_options(opts: RunOptions, layout: Layout) -> Any:
     return d
 
 
-def parse_slow_rank(value: str | None) -> tuple[int, float] | None:
-    """``"<rank>:<factor>"`` -> (rank, factor); None when unset (the default)."""
-    if not value:
-        return None
-    try:
-        rank, factor = value.split(":")
-        return int(rank), float(factor)
-    except ValueError as exc:
-        raise contract.ContractError(
-            f"{contract.ENV_TEST_SLOW_RANK}={value!r}: expected <rank>:<factor>, e.g. 1:2.0"
-        ) from exc
-
-
 def _single_process_env() -> None:
     """Allow ``python -m shardwise_trainer`` without torchrun (one process, world size 1)."""
     if "RANK" in os.environ:
@@ -173,9 +161,15 @@ def run(opts: RunOptions) -> int:
                 "model has no Hugging Face class; its DeepSpeed checkpoints are in --checkpoint-dir)"
             )
     record_opts = data_options(opts, layout)
+    slow = parse_slow_rank(os.environ.get(contract.ENV_TEST_SLOW_RANK))
     _single_process_env()
 
     import torch  # heavy imports after argument / layout errors are reported
+
+    from shardwise_trainer import commtime
+
+    # Before DeepSpeed binds torch.distributed's functions (its comm backend keeps some).
+    comm_timer = commtime.install()
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:  # DeepSpeed picks its accelerator at import time
@@ -307,9 +301,14 @@ def run(opts: RunOptions) -> int:
                 contract.ENV_POD_IP,
             )
     predicted = layout.predicted_model_state_bytes(topo.pp_rank)
-    slow = parse_slow_rank(env.get(contract.ENV_TEST_SLOW_RANK))
-    slow_factor = slow[1] if slow and slow[0] == rank else 1.0
     fault = failures.parse_fault(env.get(contract.ENV_TEST_FAULT))
+    clock = commtime.clock_for(on_cpu, comm_timer)
+    slowed = None
+    if slow and slow[0] == rank and slow[1] > 1.0:  # test-only straggler: extra work in forward
+        from shardwise_trainer.straggle import SlowCompute
+
+        slowed = SlowCompute(slow[1], forwards_per_step=layout.grad_accum)
+        slowed.attach(engine.module)
 
     global_tokens = layout.global_batch_size * layout.sequence_length
     replica_tokens = layout.micro_batch * layout.grad_accum * layout.sequence_length
@@ -322,7 +321,9 @@ def run(opts: RunOptions) -> int:
     for step in range(start_step, opts.steps):
         if fault is not None:
             fault.maybe_raise(rank, step + 1)
-        t0 = time.perf_counter()
+        clock.begin_step()
+        if slowed is not None:
+            slowed.begin_step()
         batches = source.step_iter(
             step=step,
             grad_accum=layout.grad_accum,
@@ -333,22 +334,29 @@ def run(opts: RunOptions) -> int:
             device=device,
         )
         if layout.pp > 1:
-            loss_t = engine.train_batch(data_iter=batches).detach().float()
+            with clock.phase("pipeline"):
+                loss_t = engine.train_batch(data_iter=batches).detach().float()
         else:
             total = torch.zeros((), device=device)
             for batch in batches:  # (ids, labels) or, packed records, (ids, labels, position_ids)
-                loss = engine(*batch)
-                engine.backward(loss)
+                with clock.phase("forward"):
+                    loss = engine(*batch)
+                with clock.phase("backward"):
+                    engine.backward(loss)
                 meter.sample()
-                engine.step()
+                with clock.phase("optimizer"):
+                    engine.step()
                 total += loss.detach().float()
             loss_t = total / layout.grad_accum
-        if slow_factor > 1.0:  # test-only straggler: stretch this rank's step
-            time.sleep((slow_factor - 1.0) * (time.perf_counter() - t0))
+        times = clock.end_step()
+        if slowed is not None:
+            slowed.end_step(times.compute_seconds)
         t1 = time.perf_counter()
-        # One collective closes the step: every rank waits here for the slowest (``wait``, what
-        # the straggler analysis reads), and without pipeline stages the same all-reduce averages
-        # the loss over the replicas (TP ranks hold equal losses: the world mean is the DP mean).
+        # One collective closes the step: every rank waits here for the slowest (``wait``; with
+        # data or tensor parallelism most waiting already happened inside the step's collectives,
+        # which is why the straggler analysis reads compute time, not this), and without pipeline
+        # stages the same all-reduce averages the loss over the replicas (TP ranks hold equal
+        # losses: the world mean is the DP mean).
         if topo.world_size > 1 and layout.pp == 1:
             dist.all_reduce(loss_t)
             loss_t /= topo.world_size
@@ -356,7 +364,7 @@ def run(opts: RunOptions) -> int:
             dist.barrier()
         wait = time.perf_counter() - t1
         loss_value = float(loss_t)
-        step_seconds = t1 - t0
+        step_seconds = times.step_seconds
         done = step + 1
         evaluated = validation is not None and (
             done == opts.steps or bool(opts.eval_every and done % opts.eval_every == 0)
@@ -390,6 +398,8 @@ def run(opts: RunOptions) -> int:
                     "step": done,
                     "step_seconds": step_seconds,
                     "wait_seconds": wait,
+                    "compute_seconds": times.compute_seconds,
+                    "communication_seconds": times.communication_seconds,
                     "tokens_per_second": replica_tokens / step_seconds,
                     "loss": loss_value,
                     "validation_loss": validation_loss,
@@ -473,6 +483,8 @@ def run(opts: RunOptions) -> int:
                 "bookkeeping_seconds": bookkeeping + meter.seconds,
             }
         )
+    if slowed is not None:
+        slowed.detach()
     if server is not None:
         if opts.linger_seconds > 0:
             time.sleep(opts.linger_seconds)

@@ -80,13 +80,29 @@ RANK_GAUGES: tuple[tuple[str, str, _RankValue], ...] = (
         lambda r: r.step_seconds,
     ),
     (
+        "shardwise_rank_compute_seconds",
+        "Median time per step the rank spends computing, outside collectives, over the analysis window.",
+        lambda r: r.compute_seconds,
+    ),
+    (
+        "shardwise_rank_communication_seconds",
+        "Median time per step the rank spends inside collectives (waiting for its peers included).",
+        lambda r: r.communication_seconds,
+    ),
+    (
+        "shardwise_rank_compute_share_ratio",
+        "Median share of the rank's step time spent computing (the rest is communication).",
+        lambda r: r.compute_share,
+    ),
+    (
         "shardwise_rank_tokens_per_second",
         "Median tokens per second of the rank's data-parallel replica over the analysis window.",
         lambda r: r.tokens_per_second,
     ),
     (
         "shardwise_rank_straggler_score",
-        "Rank's median step time / the median of the other ranks of its pipeline stage (1 = typical).",
+        "Rank's median compute time / the median of the other ranks of its pipeline stage (a stage of "
+        "one rank: its compute share of the step / the other stages'; 1 = typical).",
         lambda r: r.score,
     ),
     (
