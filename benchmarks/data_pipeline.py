@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lora_vs_hf_trainer import ENV, GLOBAL_BATCH, MICRO, RANK, SEQ, TARGETS, WARMUP, torchrun  # noqa: E402
+from lora_vs_hf_trainer import ENV, GLOBAL_BATCH, MICRO, RANK, SEQ, WARMUP, plan_lora_layout, torchrun  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -131,21 +130,7 @@ def main() -> None:
         records.write_text("".join(json.dumps(r) + "\n" for r in chat_records(opts.records)))
         tokens = tiny_models.skewed_tokens(work / "tokens.bin", n=200_000)
         tok = tokenization(model, records, work)
-        arch = {**tiny_models.SPEC_ARCH["llama"], "layers": 4, "hiddenSize": 128, "ffnHiddenSize": 256}
-        job = {"apiVersion": "shardwise.dev/v1alpha1", "kind": "ParallelTrainingJob",
-               "metadata": {"name": "b"},
-               "spec": {"model": {"architecture": arch},
-                        "training": {"method": "lora", "precision": "fp32", "sequenceLength": SEQ,
-                                     "globalBatchSize": GLOBAL_BATCH, "loraRank": RANK,
-                                     "loraTargets": TARGETS, "learningRate": 3e-3}}}  # fmt: skip
-        (work / "job.yaml").write_text(yaml.safe_dump(job))
-        layout = work / "layout.json"
-        subprocess.run(
-            [sys.executable, "-m", "shardwise.cli", "plan", str(work / "job.yaml"), "--gpus", "2",
-             "--gpu-memory", "16GiB", "--tp", "1", "--pp", "1", "--zero", "2", "--micro-batch", str(MICRO),
-             "--offload", "none", "--checkpointing", "none", "--layout-out", str(layout)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+        layout = plan_lora_layout(work)
         on_records: list[float] = []
         on_tokens: list[float] = []
         cache = work / "train-cache"

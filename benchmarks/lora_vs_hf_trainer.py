@@ -126,6 +126,28 @@ def run_reference(work: Path, model: Path, data: Path, ds_config: Path, steps: i
     return tokens_per_second(json.loads(line)["times"])
 
 
+def plan_lora_layout(work: Path) -> Path:
+    """The benchmark's layout: the tiny Llama's LoRA job planned for DP2 ZeRO-2 by `shardwise plan`."""
+    from tests import tiny_models
+
+    arch = {**tiny_models.SPEC_ARCH["llama"], "layers": 4, "hiddenSize": 128, "ffnHiddenSize": 256}
+    job = {"apiVersion": "shardwise.dev/v1alpha1", "kind": "ParallelTrainingJob",
+           "metadata": {"name": "b"},
+           "spec": {"model": {"architecture": arch},
+                    "training": {"method": "lora", "precision": "fp32", "sequenceLength": SEQ,
+                                 "globalBatchSize": GLOBAL_BATCH, "loraRank": RANK,
+                                 "loraTargets": TARGETS, "learningRate": 3e-3}}}  # fmt: skip
+    (work / "job.yaml").write_text(yaml.safe_dump(job))
+    layout = work / "layout.json"
+    subprocess.run(
+        [sys.executable, "-m", "shardwise.cli", "plan", str(work / "job.yaml"), "--gpus", "2",
+         "--gpu-memory", "16GiB", "--tp", "1", "--pp", "1", "--zero", "2", "--micro-batch", str(MICRO),
+         "--offload", "none", "--checkpointing", "none", "--layout-out", str(layout)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return layout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -137,21 +159,7 @@ def main() -> None:
         work = Path(tmp)
         model = tiny_models.llama(work / "model", layers=4, hidden=128, ffn=256)
         data = tiny_models.skewed_tokens(work / "tokens.bin", n=200_000)
-        arch = {**tiny_models.SPEC_ARCH["llama"], "layers": 4, "hiddenSize": 128, "ffnHiddenSize": 256}
-        job = {"apiVersion": "shardwise.dev/v1alpha1", "kind": "ParallelTrainingJob",
-               "metadata": {"name": "b"},
-               "spec": {"model": {"architecture": arch},
-                        "training": {"method": "lora", "precision": "fp32", "sequenceLength": SEQ,
-                                     "globalBatchSize": GLOBAL_BATCH, "loraRank": RANK,
-                                     "loraTargets": TARGETS, "learningRate": 3e-3}}}  # fmt: skip
-        (work / "job.yaml").write_text(yaml.safe_dump(job))
-        layout = work / "layout.json"
-        subprocess.run(
-            [sys.executable, "-m", "shardwise.cli", "plan", str(work / "job.yaml"), "--gpus", "2",
-             "--gpu-memory", "16GiB", "--tp", "1", "--pp", "1", "--zero", "2", "--micro-batch", str(MICRO),
-             "--offload", "none", "--checkpointing", "none", "--layout-out", str(layout)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+        layout = plan_lora_layout(work)
         ds = json.loads(layout.read_text())["deepspeed"]
         ds["optimizer"]["params"]["torch_adam"] = True  # what the trainer runs without offload
         ds["steps_per_print"] = 10**9
