@@ -10,20 +10,16 @@ rates over many seeds and noisier models: benchmarks/stragglers.py.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from analysis_driver import Run
 
 from shardwise.metrics.analysis import (
     AnalysisSettings,
-    JobAnalysis,
-    JobWindows,
     PlanView,
-    RankTiming,
-    StragglerReport,
     analyse,
     ingest,
     straggler_condition,
@@ -31,7 +27,6 @@ from shardwise.metrics.analysis import (
 from shardwise.metrics.stragglers import BASIS_STAGE, BASIS_STAGES
 from shardwise.metrics.synthetic import SyntheticJob, uniform_plan
 
-SETTINGS = AnalysisSettings()  # Compute signal, threshold 0.2, stage threshold 0.5, K = 3, window 10
 REALISTIC: dict[str, Any] = {
     "noise": 0.03,
     "rank_bias": 0.01,
@@ -39,43 +34,6 @@ REALISTIC: dict[str, Any] = {
     "spike_factor": 3.0,
     "communication_fraction": 0.1,
 }
-
-
-@dataclass
-class Run:
-    """Feeds a synthetic job to the analysis and records who is flagged after each pass."""
-
-    job: SyntheticJob
-    settings: AnalysisSettings = SETTINGS
-    seed: int = 0
-    state: JobWindows = field(default_factory=JobWindows)
-    step: int = 0
-    flagged: list[frozenset[int]] = field(default_factory=list)
-    last: JobAnalysis | None = None
-
-    def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
-
-    def window(self, samples: int = 1) -> frozenset[int]:
-        for _ in range(samples):
-            self.step += 1
-            self.state = ingest(self.state, self.job.samples(self.step, self.rng), self.settings)
-        self.state, self.last = analyse(self.state, self.job.plan, self.settings)
-        flagged = frozenset(r.identity.rank for r in self.last.stragglers.findings)
-        self.flagged.append(flagged)
-        return flagged
-
-    def tumbling(self) -> frozenset[int]:
-        """A window of entirely fresh samples."""
-        return self.window(self.settings.window_size)
-
-    @property
-    def report(self) -> StragglerReport:
-        assert self.last is not None
-        return self.last.stragglers
-
-    def timing(self, rank: int) -> RankTiming:
-        return next(r for r in self.report.ranks if r.identity.rank == rank)
 
 
 def job(plan: PlanView, *, slow: Mapping[int, float] | None = None, **kwargs: Any) -> SyntheticJob:
