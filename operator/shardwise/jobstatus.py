@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from shardwise.conditions import get_condition, set_condition
@@ -181,4 +182,35 @@ def with_pods(status: dict[str, Any], summary: PodsSummary, *, now: str, generat
         new["phase"] = "Starting"
         new["message"] = message
     new["conditions"] = conds
+    return new
+
+
+def layout_name(layout: dict[str, Any]) -> str:
+    """``tp1-pp1-dp2-zero2``: the shards a checkpoint was written in (status.latestCheckpoint.layout)."""
+    return "tp{}-pp{}-dp{}-zero{}".format(
+        layout.get("tensor", 1), layout.get("pipeline", 1), layout.get("data", 1), layout.get("zeroStage", 0)
+    )
+
+
+def with_checkpoint(
+    status: dict[str, Any], found: tuple[int, float] | None, *, attempt: int
+) -> dict[str, Any]:
+    """status.latestCheckpoint from the scraped trainer stats ``(step, unix time)``: only moves
+    forward (a restarted attempt reports nothing until its first save), names the trainer's tag
+    (``step<N>`` under the checkpoint directory, which the next attempt resumes by itself) and the
+    layout of the attempt that wrote it."""
+    if found is None:
+        return status
+    step, when = found
+    current = status.get("latestCheckpoint") or {}
+    if int(current.get("step", -1)) >= step:
+        return status
+    new = copy.deepcopy(status)
+    new["latestCheckpoint"] = {
+        "step": step,
+        "time": datetime.fromtimestamp(when, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "path": f"step{step}",
+        "layout": layout_name(status.get("layout") or {}),
+        "attempt": attempt,
+    }
     return new

@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint-dir", default=env(contract.ENV_CHECKPOINT_DIR) or "")
     p.add_argument("--checkpoint-every", type=int, default=None, help="env SHARDWISE_CHECKPOINT_EVERY")
+    p.add_argument(
+        "--checkpoint-every-minutes",
+        type=float,
+        default=float(os.environ.get(contract.ENV_CHECKPOINT_EVERY_MINUTES) or 0),
+        help="also save after this many minutes (env SHARDWISE_CHECKPOINT_EVERY_MINUTES)",
+    )
+    p.add_argument(
+        "--checkpoint-keep",
+        type=int,
+        default=int(os.environ.get(contract.ENV_CHECKPOINT_KEEP) or 2),
+        help="newest complete checkpoints kept (env SHARDWISE_CHECKPOINT_KEEP, default 2)",
+    )
     p.add_argument("--metrics-port", type=int, default=None, help="env SHARDWISE_METRICS_PORT (0 = off)")
     p.add_argument(
         "--metrics-host",
@@ -155,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                     if args.metrics_port is not None
                     else contract.env_int(contract.ENV_METRICS_PORT)
                 ),
+                checkpoint_every_minutes=args.checkpoint_every_minutes,
+                checkpoint_keep=args.checkpoint_keep,
                 metrics_host=args.metrics_host,
                 stats_dir=args.stats_dir,
                 linger_seconds=args.linger_seconds,

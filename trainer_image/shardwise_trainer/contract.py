@@ -65,6 +65,10 @@ ENV_METRICS_PORT: Final = "SHARDWISE_METRICS_PORT"
 ENV_CHECKPOINT_DIR: Final = "SHARDWISE_CHECKPOINT_DIR"
 #: Save a checkpoint every N optimizer steps (0 = only at the end, when a directory is set).
 ENV_CHECKPOINT_EVERY: Final = "SHARDWISE_CHECKPOINT_EVERY"
+#: Also save when this many minutes passed since the last checkpoint (0 = off; rank 0's clock).
+ENV_CHECKPOINT_EVERY_MINUTES: Final = "SHARDWISE_CHECKPOINT_EVERY_MINUTES"
+#: Keep the newest N complete checkpoints (older ones are deleted after each save).
+ENV_CHECKPOINT_KEEP: Final = "SHARDWISE_CHECKPOINT_KEEP"
 #: ``cpu`` on CPU-only nodes (tests, demo); unset on GPU nodes. Read by DeepSpeed itself.
 ENV_DS_ACCELERATOR: Final = "DS_ACCELERATOR"
 

@@ -56,6 +56,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("model_state_bytes", "gauge", "Parameters + gradients + optimizer states this rank holds (peak)."),
     ("predicted_model_state_bytes", "gauge", "The plan's model-state bytes for this rank's stage."),
     ("last_update_timestamp_seconds", "gauge", "Unix time this rank last updated its stats."),
+    ("checkpoint_step", "gauge", "Step of the newest complete checkpoint this run saved."),
+    ("checkpoint_timestamp_seconds", "gauge", "Unix time the newest complete checkpoint was completed."),
 )
 LABELS = ("namespace", "job", "pod", "node", "rank", "local_rank", "gpu", "stage")
 
@@ -75,6 +77,16 @@ def write_rank_stats(stats_dir: Path, rank: int, stats: Mapping[str, Any]) -> No
     with os.fdopen(fd, "w") as fh:
         json.dump(stats, fh)
     os.replace(tmp, stats_dir / f"rank-{rank}.json")
+
+
+def update_rank_stats(stats_dir: Path, rank: int, **changes: Any) -> None:
+    """Rewrite this rank's stats file with ``changes`` merged in (a checkpoint just completed)."""
+    path = stats_dir / f"rank-{rank}.json"
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        current = {}
+    write_rank_stats(stats_dir, rank, {**current, **changes})
 
 
 def read_all_stats(stats_dir: Path) -> list[dict[str, Any]]:

@@ -26,100 +26,18 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardwise_trainer import contract, failures, pretrained  # imports transformers only when called
 from shardwise_trainer.contract import Layout
-from shardwise_trainer.data import records
-from shardwise_trainer.data.records import InvalidDataset
+from shardwise_trainer.runopts import RunOptions, data_options
 from shardwise_trainer.straggle import parse_slow_rank
 
 log = logging.getLogger("shardwise_trainer")
 #: Least time between two rewrites of a rank's stats file (the first and last step always write).
 STATS_REFRESH_SECONDS = 0.5
-
-
-@dataclass
-class RunOptions:
-    """Everything the run needs besides the layout (from the command line and the env)."""
-
-    layout_file: str
-    ds_config_file: str | None
-    steps: int
-    synthetic: bool
-    data_file: str | None
-    token_dtype: str
-    seed: int
-    checkpoint_dir: str
-    checkpoint_every: int
-    metrics_port: int
-    metrics_host: str
-    stats_dir: str | None
-    linger_seconds: float
-    lr: float | None = None
-    hf_model: str | None = None  # a local Hugging Face model directory (pretrained.py), else built-in
-    trust_remote_code: bool = False  # run modelling code shipped in the model directory (opt-in)
-    output_dir: str = ""  # where the result is saved in Hugging Face format (outputs.py); "" = not saved
-    data_format: str = records.AUTO  # data/records.py FORMATS
-    packing: str = "pack"  # data/packing.py POLICIES
-    data_cache_dir: str = ""  # "" = <checkpoint dir>/data-cache, else $TMPDIR/shardwise-data-cache
-    validation_data: str | None = None
-    validation_fraction: float = 0.0
-    eval_every: int = 0  # 0 = evaluate at the end only (when there is a validation split)
-    chat_template: str | None = None  # a Jinja template file replacing the tokenizer's
-
-
-def data_options(opts: RunOptions, layout: Layout) -> Any:
-    """The record-data options of the run (data/source.py DataOptions), or None for a token file
-    or synthetic data; every argument error here, before torch loads."""
-    from shardwise_trainer.data import source
-
-    has_validation = bool(opts.validation_data or opts.validation_fraction)
-    if opts.eval_every < 0:
-        raise InvalidDataset(f"--eval-every {opts.eval_every}: expected N >= 0")
-    if opts.eval_every and not has_validation:
-        raise InvalidDataset(
-            "--eval-every needs a validation split: --validation-data FILE or --validation-fraction F"
-        )
-    if opts.synthetic:
-        fmt = records.TOKENS
-    else:
-        fmt = records.resolve_format(records.check_path(opts.data_file, "--data"), opts.data_format)
-    if fmt == records.TOKENS:
-        if has_validation:
-            raise InvalidDataset(
-                "a validation split needs record data (--data-format text, alpaca, sharegpt, messages)"
-            )
-        return None
-    if not opts.hf_model:
-        raise InvalidDataset(
-            f"--data {opts.data_file} is {fmt} records: tokenizing them needs the model's tokenizer, "
-            "give --hf-model DIR (token files and --synthetic-data run without one)"
-        )
-    cache_dir = opts.data_cache_dir or (
-        str(Path(opts.checkpoint_dir) / "data-cache")
-        if opts.checkpoint_dir
-        else str(Path(tempfile.gettempdir()) / "shardwise-data-cache")
-    )
-    d = source.DataOptions(
-        data_file=str(opts.data_file),
-        data_format=fmt,
-        packing=opts.packing,
-        sequence_length=layout.sequence_length,
-        seed=opts.seed,
-        model_dir=opts.hf_model,
-        trust_remote_code=opts.trust_remote_code,
-        cache_dir=cache_dir,
-        validation_file=opts.validation_data,
-        validation_fraction=opts.validation_fraction,
-        chat_template_file=opts.chat_template,
-    )
-    source.check(d)
-    return d
 
 
 def _single_process_env() -> None:
@@ -189,7 +107,7 @@ def run(opts: RunOptions) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from shardwise_trainer import build, dsconfig, evaluation, metrics, outputs, stats
+    from shardwise_trainer import build, checkpointing, dsconfig, evaluation, metrics, outputs, stats
     from shardwise_trainer.data import TokenSource
     from shardwise_trainer.model import mark_for_grad_norm
     from shardwise_trainer.topology import build_topology
@@ -207,6 +125,12 @@ def run(opts: RunOptions) -> int:
     torch.manual_seed(opts.seed + 7919 * topo.dp_rank + 104729 * topo.pp_rank)
 
     adapted = dsconfig.adapt(ds_config, layout, on_cpu=on_cpu, lr=opts.lr)
+    cadence = checkpointing.Cadence(opts.checkpoint_every, opts.checkpoint_every_minutes)
+    ckpt = checkpointing.Checkpointer(
+        opts.checkpoint_dir, cadence, keep=opts.checkpoint_keep, layout=layout, rank=rank, device=device
+    )
+    t_resume = time.perf_counter()
+    resume = ckpt.prepare_resume(adapted.config)  # before initialize: universal loading is a config key
     if rank == 0:
         for change in adapted.changes:
             log.warning("DeepSpeed config adapted: %s", change)
@@ -238,12 +162,16 @@ def run(opts: RunOptions) -> int:
     dev = stats.device_for(local_rank)
 
     start_step = 0
-    if opts.checkpoint_dir and (Path(opts.checkpoint_dir) / "latest").exists():
-        path, client = engine.load_checkpoint(opts.checkpoint_dir)
-        if path is not None:
-            start_step = int((client or {}).get("step", 0))
-            if rank == 0:
-                log.warning("resumed from %s at step %d", path, start_step)
+    if resume is not None:
+        ckpt.load(engine, resume)
+        start_step = resume.step
+        if rank == 0:
+            log.warning(
+                "resumed from %s at step %d (saved by %s)", resume.tag, start_step, resume.saved_layout
+            )
+            _emit({"event": "resume", "step": start_step, "tag": resume.tag, "universal": resume.universal,
+                   "saved_layout": resume.saved_layout, "convert_seconds": resume.convert_seconds,
+                   "seconds": time.perf_counter() - t_resume})  # fmt: skip
 
     source: Any
     if prepared is not None:
@@ -407,6 +335,9 @@ def run(opts: RunOptions) -> int:
                     "model_state_bytes": peak.total,
                     "predicted_model_state_bytes": predicted,
                     "last_update_timestamp_seconds": time.time(),
+                    "checkpoint": ckpt.last,
+                    "checkpoint_step": ckpt.last["step"] if ckpt.last else None,
+                    "checkpoint_timestamp_seconds": ckpt.last["time"] if ckpt.last else None,
                 },
             )
         if rank == 0:
@@ -421,15 +352,12 @@ def run(opts: RunOptions) -> int:
                 }
             )
         bookkeeping += wait + time.perf_counter() - t_stats
-        if opts.checkpoint_dir and opts.checkpoint_every and done % opts.checkpoint_every == 0:
-            engine.save_checkpoint(opts.checkpoint_dir, tag=f"step{done}", client_state={"step": done})
+        if ckpt.enabled and (ckpt.due(done) or done == opts.steps):
+            saved_ckpt = ckpt.save(engine, done)
             if rank == 0:
-                _emit({"event": "checkpoint", "step": done, "dir": opts.checkpoint_dir})
-    final_saved = opts.checkpoint_every and opts.steps % opts.checkpoint_every == 0
-    if opts.checkpoint_dir and opts.steps > start_step and not final_saved:
-        engine.save_checkpoint(
-            opts.checkpoint_dir, tag=f"step{opts.steps}", client_state={"step": opts.steps}
-        )
+                _emit({"event": "checkpoint", "dir": opts.checkpoint_dir, **saved_ckpt})
+            metrics.update_rank_stats(stats_dir, rank, checkpoint=saved_ckpt, checkpoint_step=done,
+                                      checkpoint_timestamp_seconds=saved_ckpt["time"])  # fmt: skip
 
     loop_seconds = time.perf_counter() - loop_start
     if opts.output_dir and hf_model is not None:

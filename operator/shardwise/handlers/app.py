@@ -98,6 +98,7 @@ class Controller:
             on_pass=self._observed,
             restart_backoff_seconds=self.restart_backoff_seconds,
             findings=self.monitor.conditions,
+            checkpoints=self.monitor.checkpoint,
         )
         self.tasks = [asyncio.create_task(self._work(reconciler)) for _ in range(self.workers)]
         self.tasks.append(asyncio.create_task(self.monitor.run()))

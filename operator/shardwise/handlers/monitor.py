@@ -40,6 +40,7 @@ from shardwise.metrics.analysis import (
 )
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES, PageTooLargeError, fetch_pages
+from shardwise.metrics.trainer_page import latest_checkpoint
 from shardwise.resources.names import LABEL_ATTEMPT, LAYOUT_FILE_KEY, TRAINER_METRICS_PORT, configmap_name
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _Watched:
     next_due: float = 0.0
     busy: bool = False
     conditions: tuple[ConditionValue, ...] = ()
+    checkpoint: tuple[int, float] | None = None  # (step, unix time) the trainer last reported
 
 
 @dataclass
@@ -85,6 +87,11 @@ class Monitor:
         """The latest findings for a job (empty before its first full window)."""
         entry = self.watched.get(key)
         return entry.conditions if entry else ()
+
+    def checkpoint(self, key: JobKey) -> tuple[int, float] | None:
+        """The newest complete checkpoint the job's current attempt reported (status.latestCheckpoint)."""
+        entry = self.watched.get(key)
+        return entry.checkpoint if entry else None
 
     async def run(self) -> None:
         limit = asyncio.Semaphore(self.concurrency)
@@ -209,8 +216,12 @@ class Monitor:
                 self._reject(reason, count)
             for error in outcome.errors:
                 log.info("ParallelTrainingJob %s/%s: scrape: %s", key[0], key[1], error)
-            if outcome.conditions != entry.conditions:
+            found = latest_checkpoint(
+                sample for page in parsed.values() if isinstance(page, ParsedPage) for sample in page.samples
+            )
+            if outcome.conditions != entry.conditions or (found is not None and found != entry.checkpoint):
                 entry.conditions = outcome.conditions
+                entry.checkpoint = found or entry.checkpoint
                 self.poke(key)
         finally:
             entry.busy = False

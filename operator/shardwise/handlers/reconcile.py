@@ -28,6 +28,7 @@ from shardwise.jobstatus import (
     needs_plan,
     planned_generation,
     status_patch,
+    with_checkpoint,
     with_plan,
     with_plan_failure,
     with_pods,
@@ -118,6 +119,8 @@ class Reconciler:
     restart_backoff_seconds: float = 10.0
     # The monitor's latest StragglerDetected / MemoryImbalanced findings for a running job.
     findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
+    # The newest complete checkpoint (step, unix time) the monitor scraped from the trainer.
+    checkpoints: Callable[[JobKey], tuple[int, float] | None] | None = None
     # The job as our last status write returned it: the watch cache may not have caught up yet,
     # and a pass that read an older status (an older attempt) would undo its own decisions.
     written: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
@@ -311,6 +314,8 @@ class _Pass:
         self.status = with_pods(self.status, summary, now=self.now, generation=self.generation)
         for finding in self.r.findings(self.key) if self.r.findings else ():
             self.condition(finding.type, finding.status, finding.reason, finding.message)
+        if self.r.checkpoints is not None:
+            self.status = with_checkpoint(self.status, self.r.checkpoints(self.key), attempt=attempt)
         self.status["attempt"] = attempt
         self.status.setdefault("restarts", 0)
         if summary.all_running:

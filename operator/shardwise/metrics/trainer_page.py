@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,8 @@ class RankSample:
     model_state_bytes: float | None = None
     predicted_model_state_bytes: float | None = None
     timestamp: float | None = None
+    checkpoint_step: float | None = None  # the newest complete checkpoint this attempt saved
+    checkpoint_timestamp: float | None = None
 
     #: Derived once at construction (the analysis reads them on every pass over the window).
     used_bytes: float | None = field(init=False, default=None, compare=False)
@@ -79,6 +81,8 @@ _SCALAR_FIELDS = {
     "model_state_bytes": "model_state_bytes",
     "predicted_model_state_bytes": "predicted_model_state_bytes",
     "last_update_timestamp_seconds": "timestamp",
+    "checkpoint_step": "checkpoint_step",
+    "checkpoint_timestamp_seconds": "checkpoint_timestamp",
 }
 
 
@@ -163,3 +167,16 @@ def parse_page(text: str, world_size: int | None = None) -> ParsedPage:
             )
         )
     return ParsedPage(tuple(out), rejected)
+
+
+def latest_checkpoint(samples: Iterable[RankSample]) -> tuple[int, float] | None:
+    """(step, unix time) of the newest checkpoint any rank reports: a rank reports one only after
+    every rank wrote its shards and rank 0 moved ``latest`` (trainer checkpointing.py)."""
+    best: tuple[int, float] | None = None
+    for s in samples:
+        if s.checkpoint_step is None or not math.isfinite(s.checkpoint_step):
+            continue
+        found = (int(s.checkpoint_step), float(s.checkpoint_timestamp or 0.0))
+        if best is None or found > best:
+            best = found
+    return best

@@ -1,0 +1,76 @@
+"""The checkpoint directory's bookkeeping (checkpointing.py): complete tags, `latest`, pruning, cadence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shardwise_trainer import checkpointing as ck
+
+
+def _tag(root: Path, step: int, *, complete: bool = True) -> Path:
+    path = root / ck.tag_of(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_text("x")
+    if complete:
+        (path / ck.COMPLETE).write_text(ck.tag_of(step))
+    return path
+
+
+def test_partial_tag_is_ignored_and_pruned(tmp_path: Path) -> None:
+    _tag(tmp_path, 4)
+    _tag(tmp_path, 8, complete=False)  # died while saving
+    (tmp_path / ck.LATEST).write_text("step8")  # even if `latest` names it
+    assert ck.latest_step(tmp_path) == 4
+    assert ck.prune(tmp_path, keep=5, partial=True) == ["step8"]
+    assert not (tmp_path / "step8").exists()
+
+
+def test_keep_newest_and_their_universal_copies(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        _tag(tmp_path, step)
+    (tmp_path / "step2-universal").mkdir()
+    assert sorted(ck.prune(tmp_path, keep=2)) == ["step2", "step2-universal"]
+    assert ck.complete_steps(tmp_path) == [4, 6]
+    assert ck.latest_step(tmp_path) == 6
+
+
+def test_empty_directory_has_nothing_to_resume(tmp_path: Path) -> None:
+    assert ck.latest_step(tmp_path / "absent") is None
+    assert ck.plan_resume(tmp_path, {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}) is None
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "universal"),
+    [
+        ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, False),
+        ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 2}, True),
+        ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 3}, True),
+    ],
+)
+def test_resume_converts_only_when_the_sharding_changed(
+    tmp_path: Path, saved: dict[str, int], current: dict[str, int], universal: bool
+) -> None:
+    (_tag(tmp_path, 4) / ck.LAYOUT_FILE).write_text(json.dumps(saved))
+    resume = ck.plan_resume(tmp_path, current)
+    assert resume is not None
+    assert (resume.step, resume.universal) == (4, universal)
+    assert resume.tag == ("step4-universal" if universal else "step4")
+
+
+@pytest.mark.parametrize(
+    ("steps", "minutes", "step", "elapsed", "due"),
+    [
+        (4, 0, 4, 0.0, True),
+        (4, 0, 5, 1e9, False),  # steps only: the clock does not matter
+        (0, 1.0, 3, 59.0, False),
+        (0, 1.0, 3, 61.0, True),
+        (4, 1.0, 3, 61.0, True),
+        (0, 0, 3, 1e9, False),
+    ],
+)
+def test_cadence(steps: int, minutes: float, step: int, elapsed: float, due: bool) -> None:
+    cadence = ck.Cadence(steps, minutes, last_save=100.0)
+    assert cadence.due_locally(step, 100.0 + elapsed) is due

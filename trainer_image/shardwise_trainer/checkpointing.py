@@ -1,0 +1,351 @@
+"""Checkpoints of the run: a cadence all ranks agree on, atomic tags, keep-K pruning, resume across layouts.
+
+On disk, in the checkpoint directory::
+
+    latest                     the tag of the newest COMPLETE checkpoint (written by rename)
+    step8/                     DeepSpeed's files of one save, plus
+    step8/shardwise-layout.json  the layout that wrote it (tp, pp, dp, zero stage, method)
+    step8/shardwise-complete     written by rank 0 after every rank finished its files
+    step8-universal/           DeepSpeed's universal conversion of step8 (made once, on a resume
+                               at another layout; reused by later restarts)
+
+A tag without the completion marker is a save that died half-way: it is ignored and deleted on
+resume. The data position needs no saving: each step's batch is a function of the step number
+(data/order.py), so the resumed run reads from ``step`` on at any DP size.
+"""
+
+# ruff: noqa: PLC0415 - torch / DeepSpeed are imported by train.py before these run
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardwise_trainer.contract import Layout
+
+log = logging.getLogger("shardwise_trainer.checkpointing")
+
+LATEST = "latest"
+LAYOUT_FILE = "shardwise-layout.json"
+COMPLETE = "shardwise-complete"
+UNIVERSAL_SUFFIX = "-universal"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def tag_of(step: int) -> str:
+    return f"step{step}"
+
+
+def layout_record(layout: Layout) -> dict[str, Any]:
+    """The layout facts a checkpoint's shards depend on (what must match to load it as is)."""
+    return {
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "dp": layout.dp,
+        "zero_stage": layout.zero_stage,
+        "method": layout.method,
+    }
+
+
+def same_sharding(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    return all(saved.get(k) == current.get(k) for k in ("tp", "pp", "dp", "zero_stage"))
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``directory``, oldest first."""
+    steps = []
+    if directory.is_dir():
+        for child in directory.iterdir():
+            m = _TAG.match(child.name)
+            if m and (child / COMPLETE).exists():
+                steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def partial_tags(directory: Path) -> list[Path]:
+    """Tag directories without the completion marker (saves that did not finish)."""
+    if not directory.is_dir():
+        return []
+    return [c for c in directory.iterdir() if _TAG.match(c.name) and not (c / COMPLETE).exists()]
+
+
+def prune(directory: Path, keep: int, *, partial: bool = False) -> list[str]:
+    """Delete complete checkpoints older than the newest ``keep`` (and their universal copies);
+    with ``partial`` also unfinished tags. Returns the deleted names (rank 0 only calls this)."""
+    gone: list[str] = []
+    steps = complete_steps(directory)
+    old = steps[: max(0, len(steps) - max(keep, 1))]
+    targets = [directory / tag_of(s) for s in old]
+    if partial:
+        targets += partial_tags(directory)
+    for target in targets:
+        for path in (target, target.with_name(target.name + UNIVERSAL_SUFFIX)):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path.name)
+    return gone
+
+
+def latest_step(directory: Path) -> int | None:
+    """The step ``latest`` names when its tag is complete, else the newest complete tag."""
+    named = directory / LATEST
+    if named.exists():
+        m = _TAG.match(named.read_text().strip())
+        if m and (directory / m.group(0) / COMPLETE).exists():
+            return int(m.group(1))
+    steps = complete_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Cadence:
+    """When to save: every ``every_steps`` steps and/or every ``every_minutes`` minutes."""
+
+    every_steps: int = 0
+    every_minutes: float = 0.0
+    last_save: float = field(default_factory=time.monotonic)
+
+    def due_locally(self, step: int, now: float) -> bool:
+        by_steps = bool(self.every_steps and step % self.every_steps == 0)
+        by_time = bool(self.every_minutes and now - self.last_save >= 60.0 * self.every_minutes)
+        return by_steps or by_time
+
+
+@dataclass
+class Resume:
+    """What the run resumes from."""
+
+    step: int
+    tag: str  # the tag DeepSpeed loads (the universal copy when the layout changed)
+    saved_layout: dict[str, Any]
+    universal: bool
+    convert_seconds: float = 0.0
+
+
+def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
+    """Rank 0: the checkpoint to resume from and whether it needs the universal form."""
+    step = latest_step(directory)
+    if step is None:
+        return None
+    tag = tag_of(step)
+    layout_path = directory / tag / LAYOUT_FILE
+    saved = json.loads(layout_path.read_text()) if layout_path.exists() else dict(current)
+    if same_sharding(saved, current):
+        return Resume(step=step, tag=tag, saved_layout=saved, universal=False)
+    return Resume(step=step, tag=tag + UNIVERSAL_SUFFIX, saved_layout=saved, universal=True)
+
+
+def convert_to_universal(directory: Path, step: int) -> float:
+    """DeepSpeed's ds_to_universal of ``step<N>`` into ``step<N>-universal`` (once: a finished
+    copy is reused); written to a temporary name and renamed, so a crash leaves no half copy."""
+    out = directory / (tag_of(step) + UNIVERSAL_SUFFIX)
+    if (out / COMPLETE).exists():
+        return 0.0
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    start = time.perf_counter()
+    tmp = directory / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = Namespace(
+        input_folder=str(directory / tag_of(step)),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    if any((directory / tag_of(step)).glob("*optim_states.pt")):
+        ds_to_universal.main(args)
+    else:  # no ZeRO: ds_to_universal needs ZeRO optimizer files; the same layout, written here
+        _universal_from_plain(directory / tag_of(step), tmp)
+    (tmp / COMPLETE).write_text(f"{tag_of(step)}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return time.perf_counter() - start
+
+
+def _universal_from_plain(source: Path, out: Path) -> None:
+    """Write DeepSpeed's universal layout (``zero/<parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt``
+    plus the engine state) from a checkpoint without ZeRO, whose one model-states file holds the
+    full weights and the torch optimizer's state (parameters in module order, trainable only)."""
+    import torch
+
+    files = sorted(source.glob("mp_rank_*_model_states.pt"))
+    if len(files) != 1:
+        raise RuntimeError(
+            f"{source}: converting a checkpoint without ZeRO needs TP1 PP1 (one model-states file)"
+        )
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    module, optim = saved["module"], saved.get("optimizer") or {}
+    state = optim.get("state", {})
+    ids = [i for group in optim.get("param_groups", []) for i in group["params"]]
+    names = list(saved.get("param_shapes", [{}])[0]) if saved.get("param_shapes") else list(module)
+    for name, pid in zip(names, ids, strict=False):
+        folder = out / "zero" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"param": module[name].float(), "cat_dim": 0}, folder / "fp32.pt")
+        for key, value in (state.get(pid) or {}).items():
+            if key == "step":
+                torch.save(torch.as_tensor(float(value)), folder / "step.pt")  # as ds_to_universal
+            else:
+                torch.save({"param": value.float(), "cat_dim": 0}, folder / f"{key}.pt")
+    import deepspeed
+
+    # The optimizer's global state the ZeRO optimizers read before the per-parameter files.
+    groups = optim.get("param_groups", [])
+    torch.save(
+        {"param_groups": groups, "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt"
+    )
+    saved["optimizer"] = None
+    torch.save(saved, out / files[0].name)
+
+
+def _load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
+    """Load a universal checkpoint into an engine without ZeRO: the weights, Adam moments and
+    step of each parameter from its per-parameter files (full tensors keyed by name), the step
+    counters and LR scheduler from the saved engine state."""
+    import torch
+
+    zero_dir = universal / "zero"
+    states = sorted(universal.glob("*model_states.pt")) or sorted(original.glob("*model_states.pt"))
+    if not states:
+        raise RuntimeError(f"no engine state (*model_states.pt) in {universal} or {original}")
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    engine.global_steps = int(saved.get("global_steps", 0))
+    engine.global_samples = int(saved.get("global_samples", 0))
+    if engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        folder = zero_dir / name
+        if not folder.is_dir():
+            raise RuntimeError(f"universal checkpoint {zero_dir.parent} has no state for parameter {name}")
+        state: dict[str, Any] = {}
+        for file in folder.glob("*.pt"):
+            loaded = torch.load(file, map_location="cpu", weights_only=False)
+            value = loaded["param"] if isinstance(loaded, dict) else loaded
+            state[file.stem] = value
+        with torch.no_grad():
+            param.copy_(state.pop("fp32").view_as(param).to(param.dtype))
+        step = state.pop("step", 0)
+        optimizer.state[param] = {
+            "step": torch.as_tensor(float(step), dtype=torch.float32),
+            **{k: v.view_as(param).to(param.device, torch.float32) for k, v in state.items()},
+        }
+
+
+class Checkpointer:
+    """Saves and resumes one run's checkpoints (every rank holds one; rank 0 writes the markers)."""
+
+    def __init__(
+        self, directory: str, cadence: Cadence, *, keep: int, layout: Layout, rank: int, device: Any
+    ) -> None:
+        self.directory = Path(directory) if directory else None
+        self.cadence = cadence
+        self.keep = keep
+        self.layout = layout_record(layout)
+        self.rank = rank
+        self.device = device
+        self.last: dict[str, Any] | None = None  # the newest completed checkpoint (stats key)
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def prepare_resume(self, ds_config: dict[str, Any]) -> Resume | None:
+        """Before ``deepspeed.initialize``: find the checkpoint, convert it when the layout
+        changed (rank 0; the others wait), switch the config to universal loading."""
+        import torch.distributed as dist
+
+        if self.directory is None:
+            return None
+        box: list[Any] = [None]
+        if self.rank == 0:
+            for name in prune(self.directory, keep=1 << 30, partial=True):
+                log.warning("deleted unfinished checkpoint %s", name)
+            resume = plan_resume(self.directory, self.layout)
+            if resume is not None and resume.universal:
+                resume.convert_seconds = convert_to_universal(self.directory, resume.step)
+            box = [resume]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        resume = box[0]
+        # DeepSpeed loads universal checkpoints into its ZeRO optimizers only; without ZeRO the
+        # module comes from the original tag and the optimizer states from the universal copy.
+        if resume is not None and resume.universal and self.layout["zero_stage"] > 0:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return resume
+
+    def load(self, engine: Any, resume: Resume) -> None:
+        assert self.directory is not None
+        if resume.universal and self.layout["zero_stage"] == 0:
+            _load_universal_plain(
+                engine,
+                self.directory / resume.tag,
+                self.directory / resume.tag.removesuffix(UNIVERSAL_SUFFIX),
+            )
+            return
+        path, _ = engine.load_checkpoint(str(self.directory), tag=resume.tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint at {self.directory / resume.tag}")
+
+    def due(self, step: int) -> bool:
+        """Whether to save after ``step``: rank 0's decision, the same on every rank."""
+        if self.directory is None:
+            return False
+        if not self.cadence.every_minutes:  # steps only: every rank computes the same answer
+            return self.cadence.due_locally(step, 0.0)
+        import torch
+        import torch.distributed as dist
+
+        local = self.cadence.due_locally(step, time.monotonic())
+        flag = torch.tensor([1 if local else 0], device=self.device)
+        if dist.get_world_size() > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def save(self, engine: Any, step: int) -> dict[str, Any]:
+        """Every rank writes its shards; after a barrier rank 0 marks the tag complete, moves
+        ``latest`` and prunes. Returns the checkpoint record (stats key ``checkpoint``)."""
+        import torch.distributed as dist
+
+        assert self.directory is not None
+        start = time.perf_counter()
+        tag = tag_of(step)
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state={"step": step}, save_latest=False)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        path = self.directory / tag
+        if self.rank == 0:
+            _write_atomic(path / LAYOUT_FILE, json.dumps(self.layout, sort_keys=True))
+            _write_atomic(path / COMPLETE, f"{tag}\n")
+            _write_atomic(self.directory / LATEST, tag)
+            prune(self.directory, self.keep)
+        if dist.get_world_size() > 1:
+            dist.barrier()  # no rank reports a checkpoint before ``latest`` names it
+        self.cadence.last_save = time.monotonic()
+        self.last = {
+            "step": step,
+            "time": time.time(),
+            "path": str(path),
+            "layout": dict(self.layout),
+            "seconds": time.perf_counter() - start,
+        }
+        return self.last
