@@ -189,6 +189,42 @@ def test_placement_from_resources() -> None:
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"example.com/gpu": "8"}
 
 
+NOT_IN_BAD = {"key": "metadata.name", "operator": "NotIn", "values": ["gpu-3", "gpu-7"]}
+
+
+@pytest.mark.parametrize(
+    ("affinity", "terms"),
+    [
+        (None, [{"matchFields": [NOT_IN_BAD]}]),
+        # Terms are ORed: each of the user's own terms must keep the excluded nodes out.
+        (
+            {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]},
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]},
+            ]}}},
+            [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}],
+                 "matchFields": [NOT_IN_BAD]},
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}],
+                 "matchFields": [NOT_IN_BAD]},
+            ],
+        ),
+    ],
+)  # fmt: skip
+def test_excluded_nodes_are_kept_off_by_node_affinity(
+    affinity: dict[str, Any] | None, terms: list[dict[str, Any]]
+) -> None:
+    j = job()
+    if affinity:
+        j["spec"]["template"]["spec"]["affinity"] = affinity
+    shape = PodShape(nodes=2, gpus_per_node=8, attempt=1, excluded_nodes=("gpu-7", "gpu-3"))
+    pod = build_pod(j, shape, 1)
+    required = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["nodeSelectorTerms"] == terms
+    if affinity is None:  # nothing excluded: no node affinity of ours
+        assert "nodeAffinity" not in build_pod(j, SHAPE, 1)["spec"]["affinity"]
+
+
 def test_builders_do_not_mutate_the_job_and_render_identically() -> None:
     j = job()
     snapshot = json.dumps(j, sort_keys=True)

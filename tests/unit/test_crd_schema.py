@@ -232,6 +232,8 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "stragglerSignal",
         "stragglerWindows",
         "stragglerStageThreshold",
+        "stragglerPolicy",
+        "maxStragglerReplacements",
         "memoryImbalanceThreshold",
     }
 
@@ -270,6 +272,8 @@ def test_closed_sets_are_enums(schema: Schema, field: str, values: list[str]) ->
         ("spec.monitoring.stragglerSignal", "Compute"),
         ("spec.monitoring.stragglerWindows", 3),
         ("spec.monitoring.stragglerStageThreshold", 0.5),
+        ("spec.monitoring.stragglerPolicy", "Report"),
+        ("spec.monitoring.maxStragglerReplacements", 1),
         ("spec.monitoring.memoryImbalanceThreshold", 0.1),
         # A parent default lets the nested defaults apply when the section is omitted. training's
         # is spelled out: the API server checks a default against the CEL rules of its own node

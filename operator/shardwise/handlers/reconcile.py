@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shardwise import inventory, lifecycle
+from shardwise import inventory, lifecycle, remediation
 from shardwise.conditions import is_true, set_condition
 from shardwise.jobstatus import (
     FAILED,
@@ -37,6 +37,7 @@ from shardwise.kube.children import ChildConflictError, controller_uid, ensure
 from shardwise.kube.client import Kube, KubeError
 from shardwise.kube.events import post_event
 from shardwise.metrics.analysis import ConditionValue
+from shardwise.metrics.condition_values import STRAGGLER_DETECTED
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
@@ -292,6 +293,7 @@ class _Pass:
             gpus_per_node=int(layout["gpusPerNode"]),
             attempt=attempt,
             gpu_resource=(self.spec.get("resources") or {}).get("gpuResource") or "nvidia.com/gpu",
+            excluded_nodes=tuple(sorted(remediation.excluded_names(self.status))),
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 
@@ -312,8 +314,17 @@ class _Pass:
                 return stop.requeue
 
         self.status = with_pods(self.status, summary, now=self.now, generation=self.generation)
-        for finding in self.r.findings(self.key) if self.r.findings else ():
-            self.condition(finding.type, finding.status, finding.reason, finding.message)
+        findings = self.r.findings(self.key) if self.r.findings else ()
+        replacement = remediation.decide(
+            self.spec.get("monitoring") or {}, findings, self.status, [n for _, n in summary.nodes]
+        )
+        for finding in findings:
+            message = finding.message
+            if replacement.refused and finding.type == STRAGGLER_DETECTED and finding.status:
+                message = f"{message} {replacement.refused}."
+            self.condition(finding.type, finding.status, finding.reason, message)
+        if replacement.nodes and summary.all_running:
+            return (await self._replace_stragglers(pods, replacement.nodes, findings)).requeue
         if self.r.checkpoints is not None:
             self.status = with_checkpoint(self.status, self.r.checkpoints(self.key), attempt=attempt)
         self.status["attempt"] = attempt
@@ -412,6 +423,26 @@ class _Pass:
             return Stop(None)
         return await self._restart(pods, verdict.verdict, where, replan=bool(lost))
 
+    async def _replace_stragglers(
+        self, pods: list[dict[str, Any]], nodes: tuple[str, ...], findings: tuple[ConditionValue, ...]
+    ) -> Stop:
+        """stragglerPolicy Replace: exclude the straggler's node, then a new attempt on the other
+        GPUs (the same shape on a spare node, else re-planned for what is left) that resumes from
+        the latest checkpoint. Spends the straggler budget, not the restart budget."""
+        said = next(f.message for f in findings if f.type == STRAGGLER_DETECTED and f.status)
+        self.status = remediation.with_excluded(
+            self.status, nodes, reason=remediation.EXCLUDED_STRAGGLER, message=said, now=self.now
+        )
+        used = remediation.replacements_used(self.status)
+        limit = int((self.spec.get("monitoring") or {}).get("maxStragglerReplacements", 1))
+        why = f"straggler on node(s) {', '.join(nodes)} excluded (stragglerPolicy Replace, {used}/{limit})"
+        self.events.append(Event("Warning", "StragglerReplaced", f"{why}: {said}"))
+        # The finding was about the attempt that is going: the next one is judged afresh.
+        self.condition(
+            STRAGGLER_DETECTED, False, "StragglerReplaced", f"{why}; the next attempt is judged afresh"
+        )
+        return await self._restart(pods, "straggler", why, replan=True)
+
     def _lost_nodes(self, summary: PodsSummary) -> set[str]:
         return self._lost({node_name for _, node_name in summary.nodes})
 
@@ -435,7 +466,8 @@ class _Pass:
         """New attempt: status first (so a crash never double-counts), then the old pods go."""
         restarts = int(self.status.get("restarts") or 0)
         limit = int(self.policy.get("maxRestarts", 3))
-        if kind != "disruption":
+        budgeted = kind not in ("disruption", "straggler")  # neither is the job's fault
+        if budgeted:
             if restarts >= limit:
                 self.finish_failed(
                     "BackoffLimitExceeded", f"{why}; restart budget spent ({restarts}/{limit})"
@@ -446,15 +478,13 @@ class _Pass:
             restarts += 1
         attempt = int(self.status.get("attempt") or 0) + 1
         delay = lifecycle.backoff_seconds(max(1, restarts), self.r.restart_backoff_seconds)
-        if kind == "disruption":
+        if not budgeted:
             delay = 0.0
         self.status["restarts"] = restarts
         self.status["attempt"] = attempt
         self.status["nextAttemptTime"] = lifecycle.add_seconds(self.now, delay)
         self.status["phase"] = "Restarting"
-        label = (
-            "disruption (restart budget not spent)" if kind == "disruption" else f"restart {restarts}/{limit}"
-        )
+        label = f"restart {restarts}/{limit}" if budgeted else f"{kind} (restart budget not spent)"
         message = f"{why}; {label}; attempt {attempt} starts in {delay:.0f}s from the latest checkpoint"
         self.status["message"] = message
         self.condition(RUNNING, False, "Restarting", message)
@@ -614,8 +644,9 @@ class _Pass:
         if res.get("gpuProduct"):
             selector[inventory.LABEL_GPU_PRODUCT] = res["gpuProduct"]
         gpu_resource = res.get("gpuResource") or "nvidia.com/gpu"
+        excluded = remediation.excluded_names(self.status)
         nodes = inventory.gpu_nodes(
-            self.r.view.nodes(),
+            [n for n in self.r.view.nodes() if (n.get("metadata") or {}).get("name") not in excluded],
             self.r.view.bound_pods(),
             gpu_resource=gpu_resource,
             node_selector=selector,

@@ -25,6 +25,8 @@ class ConditionValue:
     status: bool
     reason: str
     message: str
+    #: The nodes the finding is about (a straggler's), for stragglerPolicy Replace.
+    nodes: tuple[str, ...] = ()
 
 
 def gib(value: float) -> str:

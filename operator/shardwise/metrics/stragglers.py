@@ -116,6 +116,7 @@ def straggler_condition(report: StragglerReport) -> ConditionValue:
             True,
             REASON_STRAGGLER_FOUND,
             f"{len(found)} straggler(s) on node(s) {', '.join(nodes)}: {named(described)} ({rule}).",
+            nodes=tuple(nodes),
         )
     if report.evaluated == 0:
         waiting = sum(1 for r in report.ranks if r.value is None)

@@ -72,6 +72,8 @@ class PodShape:
     gpu_resource: str = "nvidia.com/gpu"
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
+    #: Nodes the pods must not run on (status.excludedNodes: stragglers the job replaced).
+    excluded_nodes: tuple[str, ...] = ()
 
 
 def rendezvous_id(job: dict[str, Any], attempt: int) -> str:
@@ -254,6 +256,9 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
         }
     )
 
+    if shape.excluded_nodes:
+        _avoid_nodes(affinity, shape.excluded_nodes)
+
     template_meta: dict[str, Any] = template.get("metadata") or {}
     meta = child_metadata(
         job,
@@ -265,6 +270,21 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
     if template_meta.get("annotations"):
         meta["annotations"] = dict(template_meta["annotations"])
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def _avoid_nodes(affinity: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Keep the pod off ``names``: node-selector terms are ORed, so every term of the template's own
+    required node affinity gets the exclusion (one term with only it when there is none)."""
+    required = affinity.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}
+    )
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term.setdefault("matchFields", []).append(
+            {"key": "metadata.name", "operator": "NotIn", "values": sorted(names)}
+        )
 
 
 def build_pods(job: dict[str, Any], shape: PodShape) -> list[dict[str, Any]]:
