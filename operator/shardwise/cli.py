@@ -20,6 +20,7 @@ from shardwise.metrics.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 from shardwise.planner import GPUS, PRESETS, ModelSpec, PlanInputError, PlanResult, parse_hf_config, plan
 from shardwise.planner.units import GIB, gib, parse_count, parse_size
 from shardwise.resources.layout_file import layout_document_for
+from shardwise.status_command import add_status_command
 
 EXIT_OK = 0
 EXIT_INFEASIBLE = 1
@@ -457,7 +458,12 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # Adding a subcommand = one `add_<name>_command(subparsers)` function appended here.
-COMMANDS: list[Callable[[Any], None]] = [add_plan_command, add_presets_command, add_operator_command]
+COMMANDS: list[Callable[[Any], None]] = [
+    add_plan_command,
+    add_presets_command,
+    add_operator_command,
+    add_status_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
