@@ -161,6 +161,34 @@ def stat(
     }
 
 
+def heatmap(title: str, queries: list[Json], *, unit: str = "s", description: str = "") -> Json:
+    """One row per series (rank), colour = value: Grafana's heatmap without bucketing."""
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "targets": queries,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {
+                "mode": "scheme",
+                "scheme": "Oranges",
+                "steps": 64,
+                "exponent": 0.5,
+                "fill": "dark-orange",
+            },
+            "yAxis": {"axisPlacement": "left", "unit": "none"},
+            "rowsFrame": {"layout": "auto"},
+            "legend": {"show": True},
+            "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": True},
+            "cellValues": {"unit": unit},
+        },
+    }
+
+
 def organize(hide: list[str], rename: dict[str, str], order: list[str]) -> Json:
     return {
         "id": "organize",
@@ -697,6 +725,141 @@ def stragglers() -> Json:
     )
 
 
+def training_progress() -> Json:
+    g = Grid()
+    g.add(
+        stat(
+            "Progress",
+            targets((f"max(shardwise_job_progress_ratio{{{JOB}}})", "done")),
+            unit="percentunit",
+            description="Completed optimizer steps / total steps (status.progress.percent).",
+        ),
+        6,
+        4,
+    )
+    g.add(
+        stat(
+            "ETA",
+            targets((f"max(shardwise_job_eta_seconds{{{JOB}}})", "remaining")),
+            unit="s",
+            description="Time to the last step at the current pace (checkpoints and evaluations included).",
+        ),
+        6,
+        4,
+    )
+    g.add(
+        stat(
+            "Measured MFU",
+            targets((f"max(shardwise_job_mfu_ratio{{{JOB}}})", "MFU")),
+            unit="percentunit",
+            description="Model FLOPs per second (recompute excluded) / (GPUs x the planned GPU's peak).",
+        ),
+        6,
+        4,
+    )
+    g.add(
+        stat(
+            "Step",
+            targets(
+                (f"max(shardwise_job_step{{{JOB}}})", "step"),
+                (f"max(shardwise_job_total_steps{{{JOB}}})", "of"),
+            ),
+            unit="none",
+        ),
+        6,
+        4,
+    )
+    g.add(
+        timeseries(
+            "Loss",
+            targets(
+                (f"shardwise_job_loss{{{JOB}}}", "{{job}} {{kind}}"),
+            ),
+            unit="none",
+            description="Training loss of the last step, its moving average (smoothed), the validation loss.",
+        ),
+        12,
+        9,
+    )
+    g.add(
+        timeseries(
+            "Tokens per second",
+            targets(
+                (f"shardwise_job_tokens_per_second{{{JOB}}}", "{{job}} tokens/s"),
+            ),
+            minimum=0,
+            description="Throughput of the whole job: sum over data-parallel replicas of their slowest rank.",
+        ),
+        12,
+        9,
+    )
+    g.add(
+        timeseries(
+            "MFU against the plan",
+            targets(
+                (f"shardwise_job_mfu_ratio{{{JOB}}}", "{{job}} measured"),
+                (f"shardwise_job_planned_mfu_ratio{{{JOB}}}", "{{job}} planned"),
+            ),
+            unit="percentunit",
+            minimum=0,
+            overrides=[override_ref("B", **dashed("blue"))],
+        ),
+        12,
+        9,
+    )
+    g.add(
+        timeseries(
+            "Step time: measured vs predicted",
+            targets((f"shardwise_job_step_seconds{{{JOB}}}", "{{job}} {{kind}}")),
+            unit="s",
+            minimum=0,
+            description="measured: the slowest rank's last step; predicted: the planner's estimate.",
+        ),
+        12,
+        9,
+    )
+    g.add(
+        timeseries(
+            "ETA",
+            targets(
+                (f"shardwise_job_eta_seconds{{{JOB}}}", "{{job}} remaining"),
+            ),
+            unit="s",
+            minimum=0,
+            description="Seconds to the last step; alert ShardwiseEtaPastDeadline when the ETA falls after "
+            "activeDeadlineSeconds.",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        heatmap(
+            "Compute time per rank",
+            targets((f"shardwise_rank_compute_seconds{{{JOB}}}", "rank {{rank}}")),
+            description="Median compute time per step of each rank over time: a straggler is a hot row.",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        heatmap(
+            "Step time per rank",
+            targets((f"shardwise_rank_step_seconds{{{JOB}}}", "rank {{rank}}")),
+            description="Median step time per rank: synchronous collectives even it out across ranks.",
+        ),
+        24,
+        8,
+    )
+    return dashboard(
+        "shardwise-training-progress",
+        "shardwise / Training progress",
+        "Progress, ETA, loss, throughput, measured MFU against the plan, measured vs predicted step time, "
+        "per-rank compute and step time.",
+        g,
+        multi_job=False,
+    )
+
+
 def operator_health() -> Json:
     g = Grid()
     g.add(
@@ -785,6 +948,7 @@ def dashboards() -> dict[str, Json]:
         "shardwise-gpu-memory.json": gpu_memory(),
         "shardwise-stragglers.json": stragglers(),
         "shardwise-operator.json": operator_health(),
+        "shardwise-training-progress.json": training_progress(),
     }
 
 

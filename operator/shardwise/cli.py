@@ -16,9 +16,11 @@ import yaml
 
 from shardwise.jobspec import SpecError, architecture_spec, request_from_spec, spec_from_manifest
 from shardwise.metrics.limits import DEFAULT_STATS_MAX_BYTES
+from shardwise.metrics.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 from shardwise.planner import GPUS, PRESETS, ModelSpec, PlanInputError, PlanResult, parse_hf_config, plan
 from shardwise.planner.units import GIB, gib, parse_count, parse_size
 from shardwise.resources.layout_file import layout_document_for
+from shardwise.status_command import add_status_command
 
 EXIT_OK = 0
 EXIT_INFEASIBLE = 1
@@ -43,6 +45,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _progress_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 3600 seconds, got {text!r}")
     return value
 
 
@@ -407,6 +419,14 @@ def add_operator_command(subparsers: Any) -> None:
         help="largest trainer stats page read per pod and scrape; a larger one is refused "
         f"(default {DEFAULT_STATS_MAX_BYTES})",
     )
+    p.add_argument(
+        "--progress-interval",
+        type=_progress_interval,
+        default=DEFAULT_PROGRESS_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="least seconds between two status.progress writes of one job (1-3600, default "
+        f"{DEFAULT_PROGRESS_INTERVAL_SECONDS:.0f})",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=run_operator_command)
 
@@ -432,12 +452,18 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
         workers=args.workers,
         restart_backoff_seconds=args.restart_backoff_seconds,
         stats_max_bytes=args.stats_max_bytes,
+        progress_interval=args.progress_interval,
     )
     return EXIT_OK
 
 
 # Adding a subcommand = one `add_<name>_command(subparsers)` function appended here.
-COMMANDS: list[Callable[[Any], None]] = [add_plan_command, add_presets_command, add_operator_command]
+COMMANDS: list[Callable[[Any], None]] = [
+    add_plan_command,
+    add_presets_command,
+    add_operator_command,
+    add_status_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "workers": 2,
             "verbose": True,
             "statsMaxBytes": 4194304,
+            "progressIntervalSeconds": 5,
             "extraArgs": ["--workers=3"],
             "extraEnv": [{"name": "TZ", "value": "UTC"}],
         },

@@ -451,6 +451,7 @@ def test_everything_flipped_reaches_the_manifests(rendered: dict[str, list[dict[
         "--liveness-port=9091",
         "--workers=2",
         "--stats-max-bytes=4194304",
+        "--progress-interval=5",
         "--namespace=team-b",
         "--verbose",
         "--workers=3",
@@ -504,6 +505,7 @@ def test_service_monitor_needs_the_service(helm_bin: str) -> None:
         (["--set", "rbac.namespaced=true"], "namespaced"),  # a key the chart does not have
         (["--set", "operator.workers=eight"], "workers"),  # wrong type
         (["--set", "operator.statsMaxBytes=10"], "statsMaxBytes"),  # below the smallest cap
+        (["--set", "operator.progressIntervalSeconds=0"], "progressIntervalSeconds"),  # a write per scrape
         (["--set-string", "dashboards.enabled=yes"], "enabled"),  # string for a boolean
         (["--set", "metrics.port=70000"], "port"),  # out of range
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),  # not in the enum

@@ -177,6 +177,9 @@ def shardwise_operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathF
     """The CRD installed and `shardwise operator` running against the session's cluster."""
     install_crd(Kubectl(cluster), str(TESTS.parent / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"))
     log = tmp_path_factory.mktemp("operator-e2e") / "operator.log"
-    with running_operator(cluster.kubeconfig, log, "--restart-backoff-seconds", "1") as op:
+    # Progress written every 2 s (default 30): a tiny job's run shows several writes.
+    with running_operator(
+        cluster.kubeconfig, log, "--restart-backoff-seconds", "1", "--progress-interval", "2"
+    ) as op:
         yield op
     print(op.log()[-20000:])

@@ -4,6 +4,7 @@ every GPU has memory series, and the job's series go when the job is deleted."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,74 @@ def test_prometheus_sees_the_slowed_rank_and_the_job_gets_the_condition(
     wait_for("the job's series removed from /metrics", gone, timeout=60)
     time.sleep(2)  # one more Prometheus scrape: the series must be absent there too
     assert prometheus.query(f"shardwise_gpu_memory_used_bytes{{{selector}}}") == []
+
+
+def test_progress_advances_in_status_kubectl_and_prometheus(
+    cluster: Any, node_runner: Any, shardwise_operator: Any, prometheus: Prometheus
+) -> None:
+    """While the tiny job trains, status.progress.step advances and the ETA shrinks (written at
+    most every 2 s, the e2e operator's --progress-interval); at the end it says 100 %."""
+    kubectl = Kubectl(cluster)
+    namespace = f"prog-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+    kubectl.apply(
+        tiny_job(
+            "prog",
+            namespace,
+            node_runner.node_selector,
+            "--steps",
+            "300",
+            "--checkpoint-every",
+            "0",
+            monitoring={"scrapeIntervalSeconds": 1},
+        )
+    )
+    seen: list[dict[str, Any]] = []
+
+    def progress_written() -> bool:
+        job = kubectl.job(namespace, "prog")
+        progress = job["status"].get("progress")
+        if job["status"].get("phase") == "Running" and progress and progress not in seen:
+            seen.append(progress)
+        return len({p["step"] for p in seen}) >= 3 or job["status"].get("phase") in ("Succeeded", "Failed")
+
+    wait_for("three progress writes while the job runs", progress_written, timeout=240, interval=0.3)
+    assert len({p["step"] for p in seen}) >= 3, f"the job ended before three progress writes: {seen}"
+    first, last = seen[0], seen[-1]
+    assert last["step"] > first["step"] and last["totalSteps"] == first["totalSteps"] == 300
+    assert last["remainingSeconds"] <= first["remainingSeconds"]  # the ETA shrinks
+    assert last["eta"] and last["lastUpdateTime"] and 0 <= last["percent"] < 100
+    assert last["summary"] == f"{last['percent']}% ({last['step']}/300)"
+    # The planner's estimate beside the measurement (a tiny CPU model: they differ a lot).
+    assert last["predictedStepSeconds"] > 0 and last["measuredStepSeconds"] > 0
+    assert last["tokensPerSecond"] > 0 and last["loss"] > 0 and last["mfu"] > 0
+    # Bounded writes: scrapes come every second, progress writes at most every 2 s, so the steps
+    # two successive writes report are at least a second apart on the trainer's clock.
+    stamps = [datetime.fromisoformat(p["lastUpdateTime"].replace("Z", "+00:00")).timestamp() for p in seen]
+    assert all(b - a >= 1 for a, b in itertools.pairwise(stamps)), stamps
+
+    row = kubectl("get", "ptj", "prog", "-n", namespace).splitlines()
+    assert row[0].split()[7:10] == ["PROGRESS", "ETA", "AGE"]
+
+    selector = f'namespace="{namespace}",job="prog"'
+    wait_for(
+        "progress ratio and both step times in Prometheus",
+        lambda: (
+            prometheus.query(f"shardwise_job_progress_ratio{{{selector}}} > 0")
+            and len(prometheus.query(f"shardwise_job_step_seconds{{{selector}}}")) == 2
+        ),
+        timeout=60,
+        interval=1,
+    )
+
+    done = wait_for(
+        "Succeeded",
+        lambda: (j := kubectl.job(namespace, "prog"))["status"].get("phase") == "Succeeded" and j,
+        timeout=300,
+        interval=1,
+    )
+    final = done["status"]["progress"]
+    assert (final["step"], final["percent"], final["remainingSeconds"]) == (300, 100, 0)
+    line = kubectl("get", "ptj", "prog", "-n", namespace).splitlines()[1]
+    assert "100% (300/300)" in line and " 0s " in line
+    kubectl("delete", "namespace", namespace, "--wait=false")

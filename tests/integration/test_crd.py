@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 import uuid
@@ -719,21 +720,70 @@ def test_kubectl_get_shows_the_printer_columns(cluster: LocalCluster, ns: str) -
                 {"type": "Planned", "status": "True", "reason": "LayoutPlanned", "message": "fits"},
                 {"type": "Running", "status": "True", "reason": "AllPodsRunning", "message": "2/2 pods"},
             ],
+            "progress": {
+                "step": 40,
+                "totalSteps": 100,
+                "percent": 40,
+                "summary": "40% (40/100)",
+                "remaining": "3m20s",
+                "remainingSeconds": 200,
+                "eta": "2026-01-01T00:03:20Z",
+                "tokensPerSecond": 2048.5,
+                "mfu": 0.31,
+                "plannedMfu": 0.4,
+                "mfuGpu": "H100-80GB-SXM",
+                "predictedStepSeconds": 2.5,
+                "measuredStepSeconds": 3.1,
+                "loss": 2.25,
+                "smoothedLoss": 2.5,
+                "lastUpdateTime": "2026-01-01T00:00:00Z",
+            },
         }
     }
     patch(cluster, ns, "columns", status, status=True)
 
     lines = cluster.kubectl("get", "ptj", "columns", "-n", ns).splitlines()
     header, row = lines[0].split(), lines[1].split()
-    assert header == ["NAME", "STATUS", "LAYOUT", "GPUS", "PLANNED", "RUNNING", "RESTARTS", "AGE"]
-    # The summary holds a space, so it splits into two words here.
-    assert row[:8] == ["columns", "Running", "TP2×PP1×DP2", "Z1", "4", "True", "True", "2"]
+    assert header == [
+        "NAME",
+        "STATUS",
+        "LAYOUT",
+        "GPUS",
+        "PLANNED",
+        "RUNNING",
+        "RESTARTS",
+        "PROGRESS",
+        "ETA",
+        "AGE",
+    ]
+    # The summaries hold a space, so each splits into two words here.
+    assert row[:11] == [
+        "columns",
+        "Running",
+        "TP2×PP1×DP2",
+        "Z1",
+        "4",
+        "True",
+        "True",
+        "2",
+        "40%",
+        "(40/100)",
+        "3m20s",
+    ]
     assert "TP2×PP1×DP2 Z1" in lines[1]
 
     wide = cluster.kubectl("get", "ptj", "columns", "-n", ns, "-o", "wide").splitlines()
-    assert wide[0].split()[-4:] == ["REASON", "SUCCEEDED", "REQUESTED", "METHOD"]
+    assert wide[0].split()[-6:] == ["REASON", "SUCCEEDED", "REQUESTED", "METHOD", "TOKENS/S", "MFU"]
     assert "LayoutPlanned" in wide[1]
-    assert wide[1].split()[-1] == "full"
+    assert wide[1].split()[-3:] == ["full", "2048.5", "0.31"]
+
+    # kubectl describe prints a custom resource's fields sorted by name: the units in the names
+    # (Seconds, Per Second) are what keeps it readable.
+    described = cluster.kubectl("describe", "ptj", "columns", "-n", ns)
+    assert re.search(r"\n  Progress:\n", described)
+    assert re.search(r"Measured Step Seconds:\s+3.1\n", described)
+    assert re.search(r"Remaining:\s+3m20s\n", described)
+    assert re.search(r"Tokens Per Second:\s+2048.5\n", described)
 
     # The category lists jobs too.
     assert "columns" in cluster.kubectl("get", "shardwise", "-n", ns)
@@ -745,6 +795,7 @@ def test_status_is_validated(cluster: LocalCluster, ns: str) -> None:
         ({"status": {"conditions": [{"type": "Planned", "status": "Maybe"}]}}, 'Unsupported value: "Maybe"'),
         ({"status": {"layout": {"zeroStage": 5}}}, "should be less than or equal to 3"),
         ({"status": {"restarts": -1}}, "should be greater than or equal to 0"),
+        ({"status": {"progress": {"percent": 101}}}, "should be less than or equal to 100"),
     ]:
         with pytest.raises(ClusterError) as err:
             patch(cluster, ns, "bad-status", body, status=True)

@@ -166,7 +166,7 @@ def test_template_variables_query_real_labels() -> None:
 
 def test_dashboards_are_well_formed() -> None:
     boards = committed()
-    assert len(boards) == 4
+    assert len(boards) == 5
     uids = [b["uid"] for b in boards.values()]
     assert len(set(uids)) == len(uids)
     for name, board in boards.items():
@@ -186,7 +186,7 @@ def test_dashboards_are_well_formed() -> None:
             }
             assert not mine & cells, f"{where}: overlaps another panel"
             cells |= mine
-            assert p["type"] in ("timeseries", "stat", "table", "barchart"), where
+            assert p["type"] in ("timeseries", "stat", "table", "barchart", "heatmap"), where
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
             refs = [t["refId"] for t in p["targets"]]
             assert refs and len(set(refs)) == len(refs), where
@@ -214,6 +214,12 @@ def test_the_required_panels_exist() -> None:
     assert "shardwise_rank_compute_seconds" in strag and "shardwise_rank_communication_seconds" in strag
     titles = [p["title"] for p in boards["shardwise-stragglers.json"]["panels"]]
     assert "Current stragglers" in titles and "Straggler score per rank" in titles
+    progress = exprs("shardwise-training-progress.json")
+    for metric in ("loss", "mfu_ratio", "planned_mfu_ratio", "eta_seconds", "step_seconds"):
+        assert f"shardwise_job_{metric}" in progress
+    assert "shardwise_rank_compute_seconds" in progress
+    kinds = {p["type"] for p in boards["shardwise-training-progress.json"]["panels"]}
+    assert "heatmap" in kinds
     health = exprs("shardwise-operator.json")
     assert "shardwise_operator_reconcile_duration_seconds" in health and "shardwise_jobs" in health
 

@@ -35,6 +35,26 @@ def feed(exporter: JobMetricsExporter, job: SyntheticJob, passes: int = 6, seed:
     exporter.update_job(job.namespace, job.job, result)
 
 
+#: A status.progress with every figure (tests/unit/test_progress.py derives one).
+PROGRESS = {
+    "step": 40,
+    "totalSteps": 100,
+    "percent": 40,
+    "remainingSeconds": 120,
+    "eta": "2026-01-01T00:00:00Z",
+    "tokensPerSecond": 2048.0,
+    "samplesPerSecond": 8.0,
+    "mfu": 0.31,
+    "plannedMfu": 0.4,
+    "predictedStepSeconds": 1.5,
+    "measuredStepSeconds": 2.0,
+    "loss": 2.1,
+    "smoothedLoss": 2.3,
+    "validationLoss": 2.4,
+    "lastUpdateTime": "2025-12-31T23:58:00Z",
+}
+
+
 def realistic(exporter: JobMetricsExporter, jobs: int = 3) -> None:
     """A few jobs of different shapes, one straggler, one imbalanced GPU, errors and restarts."""
     shapes = [uniform_plan(dp=8), uniform_plan(tp=2, pp=2, dp=2), uniform_plan(tp=4, pp=2, dp=2)]
@@ -48,6 +68,7 @@ def realistic(exporter: JobMetricsExporter, jobs: int = 3) -> None:
         )
         feed(exporter, job, passes=6, seed=i)
         exporter.observe_status(job.namespace, job.job, {"phase": "Running", "restarts": i})
+        exporter.update_progress(job.namespace, job.job, PROGRESS, deadline=1_800_000_000.0)
     exporter.record_scrape_error("team-0", "train-0", "train-0-node-0")
     exporter.record_scrape_error("team-0", "train-0", "train-0-node-0", 2)
 

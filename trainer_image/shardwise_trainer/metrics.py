@@ -50,6 +50,17 @@ METRICS: tuple[tuple[str, str, str], ...] = (
         "gauge",
         "Tokens this rank's data-parallel replica processed per second, last step.",
     ),
+    (
+        "total_steps",
+        "gauge",
+        "Optimizer steps the run is to complete (--steps): the denominator of progress.",
+    ),
+    (
+        "tokens_per_step",
+        "gauge",
+        "Tokens of one optimizer step over all replicas (global batch x sequence length).",
+    ),
+    ("samples_per_step", "gauge", "Samples of one optimizer step over all replicas (the global batch size)."),
     ("loss", "gauge", "Training loss of the last step (mean over the global batch)."),
     ("validation_loss", "gauge", "Loss on the validation split at the last evaluation (--eval-every)."),
     ("memory_bytes", "gauge", "Memory of this rank by kind (model states, device and process memory)."),

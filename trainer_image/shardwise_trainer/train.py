@@ -324,6 +324,9 @@ def run(opts: RunOptions) -> int:
                 {
                     "labels": labels,
                     "step": done,
+                    "total_steps": opts.steps,
+                    "tokens_per_step": global_tokens,
+                    "samples_per_step": layout.global_batch_size,
                     "step_seconds": step_seconds,
                     "wait_seconds": wait,
                     "compute_seconds": times.compute_seconds,

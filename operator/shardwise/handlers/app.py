@@ -27,6 +27,7 @@ from shardwise.kube.children import controller_uid
 from shardwise.kube.client import Kube, KubeError
 from shardwise.metrics.exporter import JobMetricsExporter
 from shardwise.metrics.operator_metrics import OperatorMetrics
+from shardwise.metrics.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES
 from shardwise.resources.names import GROUP, LABEL_JOB, PLURAL, VERSION
 
@@ -54,6 +55,7 @@ class Controller:
     workers: int = 8
     restart_backoff_seconds: float = 10.0
     stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     exporter: JobMetricsExporter = field(default_factory=JobMetricsExporter)
     monitor: Monitor | None = None
@@ -90,6 +92,7 @@ class Controller:
             poke=self.queue.add,
             jobs=self._all_jobs,
             stats_max_bytes=self.stats_max_bytes,
+            progress_interval=self.progress_interval,
             rejected=self.metrics.scrape_rejections,
         )
         reconciler = Reconciler(
@@ -99,6 +102,7 @@ class Controller:
             restart_backoff_seconds=self.restart_backoff_seconds,
             findings=self.monitor.conditions,
             checkpoints=self.monitor.checkpoint,
+            progress=self.monitor.progress,
         )
         self.tasks = [asyncio.create_task(self._work(reconciler)) for _ in range(self.workers)]
         self.tasks.append(asyncio.create_task(self.monitor.run()))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,14 @@ from shardwise.metrics.analysis import (
     plan_from_layout,
 )
 from shardwise.metrics.exporter import JobMetricsExporter
+from shardwise.metrics.progress import (
+    DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    Tracker,
+    advance,
+    due,
+    observe,
+    progress_status,
+)
 from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES, PageTooLargeError, fetch_pages
 from shardwise.metrics.trainer_page import latest_checkpoint
 from shardwise.resources.names import LABEL_ATTEMPT, LAYOUT_FILE_KEY, TRAINER_METRICS_PORT, configmap_name
@@ -58,6 +67,9 @@ class _Watched:
     busy: bool = False
     conditions: tuple[ConditionValue, ...] = ()
     checkpoint: tuple[int, float] | None = None  # (step, unix time) the trainer last reported
+    tracker: Tracker = field(default_factory=Tracker)
+    progress: dict[str, Any] | None = None  # what status.progress is to say (changes once per interval)
+    progress_at: float | None = None  # monotonic time it last changed
 
 
 @dataclass
@@ -72,6 +84,9 @@ class Monitor:
     concurrency: int = 16
     tick_seconds: float = 1.0
     stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES
+    # Least seconds between two status.progress writes of one job: 50 running jobs must not
+    # flood the API server with a write per scrape each.
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS
     # shardwise_operator_scrape_rejections_total{reason}: pages and series refused.
     rejected: Counter | None = None
     watched: dict[JobKey, _Watched] = field(default_factory=dict)
@@ -92,6 +107,27 @@ class Monitor:
         """The newest complete checkpoint the job's current attempt reported (status.latestCheckpoint)."""
         entry = self.watched.get(key)
         return entry.checkpoint if entry else None
+
+    def progress(self, key: JobKey) -> dict[str, Any] | None:
+        """What status.progress is to say now (None before the first step of the attempt)."""
+        entry = self.watched.get(key)
+        return entry.progress if entry else None
+
+    def _progress(self, job: dict[str, Any], entry: _Watched, samples: list[Any], world: int | None) -> bool:
+        """Fold one pass into the job's progress; True when status.progress is due to change."""
+        entry.tracker = advance(entry.tracker, observe(samples))
+        fresh = progress_status(entry.tracker, entry.plan, world)
+        meta, status = job["metadata"], job.get("status") or {}
+        self.exporter.update_progress(meta["namespace"], meta["name"], fresh, _deadline(job))
+        if fresh is None or fresh == entry.progress or entry.tracker.last is None:
+            return False
+        now = time.monotonic()
+        since = None if entry.progress_at is None else now - entry.progress_at
+        if not due(entry.tracker.last.step, entry.tracker.last.total_steps, since_last_write=since,
+                   interval=self.progress_interval):  # fmt: skip
+            return False
+        entry.progress, entry.progress_at = fresh, now
+        return status.get("progress") != fresh
 
     async def run(self) -> None:
         limit = asyncio.Semaphore(self.concurrency)
@@ -216,12 +252,30 @@ class Monitor:
                 self._reject(reason, count)
             for error in outcome.errors:
                 log.info("ParallelTrainingJob %s/%s: scrape: %s", key[0], key[1], error)
-            found = latest_checkpoint(
+            samples = [
                 sample for page in parsed.values() if isinstance(page, ParsedPage) for sample in page.samples
-            )
-            if outcome.conditions != entry.conditions or (found is not None and found != entry.checkpoint):
+            ]
+            found = latest_checkpoint(samples)
+            moved = self._progress(job, entry, samples, world)
+            if (
+                moved
+                or outcome.conditions != entry.conditions
+                or (found is not None and found != entry.checkpoint)
+            ):
                 entry.conditions = outcome.conditions
                 entry.checkpoint = found or entry.checkpoint
                 self.poke(key)
         finally:
             entry.busy = False
+
+
+def _deadline(job: dict[str, Any]) -> float | None:
+    """Unix time spec.runPolicy.activeDeadlineSeconds runs out for the current attempt."""
+    limit = ((job.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds")
+    started = (job.get("status") or {}).get("startTime")
+    if not limit or not started:
+        return None
+    try:
+        return datetime.fromisoformat(str(started).replace("Z", "+00:00")).timestamp() + float(limit)
+    except ValueError:
+        return None

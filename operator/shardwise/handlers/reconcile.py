@@ -38,6 +38,7 @@ from shardwise.kube.client import Kube, KubeError
 from shardwise.kube.events import post_event
 from shardwise.metrics.analysis import ConditionValue
 from shardwise.metrics.condition_values import STRAGGLER_DETECTED
+from shardwise.metrics.progress import finished_progress
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
 from shardwise.resources.configmap import build_configmap
@@ -122,6 +123,8 @@ class Reconciler:
     findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
     # The newest complete checkpoint (step, unix time) the monitor scraped from the trainer.
     checkpoints: Callable[[JobKey], tuple[int, float] | None] | None = None
+    # What status.progress is to say (the monitor changes it at most once per progress interval).
+    progress: Callable[[JobKey], dict[str, Any] | None] | None = None
     # The job as our last status write returned it: the watch cache may not have caught up yet,
     # and a pass that read an older status (an older attempt) would undo its own decisions.
     written: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
@@ -327,6 +330,11 @@ class _Pass:
             return (await self._replace_stragglers(pods, replacement.nodes, findings)).requeue
         if self.r.checkpoints is not None:
             self.status = with_checkpoint(self.status, self.r.checkpoints(self.key), attempt=attempt)
+        progress = self.r.progress(self.key) if self.r.progress is not None else None
+        if progress is not None:
+            self.status["progress"] = progress
+        if self.status.get("phase") == "Succeeded" and self.status.get("progress"):
+            self.status["progress"] = finished_progress(self.status["progress"], self.now)
         self.status["attempt"] = attempt
         self.status.setdefault("restarts", 0)
         if summary.all_running:

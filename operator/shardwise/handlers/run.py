@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from shardwise.handlers import app
 from shardwise.metrics.exporter import exposition
+from shardwise.metrics.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 from shardwise.metrics.scrape import DEFAULT_STATS_MAX_BYTES
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -54,6 +55,7 @@ def run_operator(
     workers: int = 8,
     restart_backoff_seconds: float = 10.0,
     stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
 ) -> None:
     """Run until interrupted; watches all namespaces unless some are given."""
     if kubeconfig:
@@ -64,6 +66,7 @@ def run_operator(
     app.CONTROLLER.workers = workers
     app.CONTROLLER.restart_backoff_seconds = restart_backoff_seconds
     app.CONTROLLER.stats_max_bytes = stats_max_bytes
+    app.CONTROLLER.progress_interval = progress_interval
     if metrics_port:
         serve_metrics(metrics_address, metrics_port)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from shardwise.metrics.analysis import GpuMemory, JobAnalysis, RankIdentity, RankTiming
+from shardwise.metrics.progress_metrics import PROGRESS_FAMILIES, PROGRESS_NAMES, progress_series
 
 JobKey = tuple[str, str]  # (namespace, name)
 
@@ -179,12 +180,18 @@ FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     *((name, "gauge", help_text, RANK_LABELS) for name, help_text, _ in GPU_GAUGES),
     *((name, "gauge", help_text, RANK_LABELS) for name, help_text, _ in RANK_GAUGES),
     *JOB_FAMILIES,
+    *PROGRESS_FAMILIES,
 )
 #: The names a scrape shows (a counter ``x`` is exposed as ``x_total``).
 EXPOSED_NAMES: tuple[str, ...] = tuple(n + "_total" if t == "counter" else n for n, t, _, _ in FAMILIES)
 #: Families fed by the job's status and scrape errors (rendered at scrape time); the others
 #: change only with an analysis pass (rendered then, cached as text per job).
-_STATUS_FAMILIES = ("shardwise_job_restarts", "shardwise_job_phase", "shardwise_scrape_errors")
+_STATUS_FAMILIES = (
+    "shardwise_job_restarts",
+    "shardwise_job_phase",
+    "shardwise_scrape_errors",
+    *PROGRESS_NAMES,
+)
 _ANALYSIS_FAMILIES = tuple(n for n, _, _, _ in FAMILIES if n not in _STATUS_FAMILIES)
 
 _Series = list[tuple[list[str], float]]
@@ -267,6 +274,7 @@ class _JobEntry:
     restarts: int | None = None
     phase: str | None = None
     scrape_errors: dict[str, float] = field(default_factory=dict)
+    progress: dict[str, _Series] = field(default_factory=dict)  # family -> this job's progress series
 
 
 class JobMetricsExporter(Collector):
@@ -303,6 +311,14 @@ class JobMetricsExporter(Collector):
             entry.restarts = int(restarts) if restarts is not None else None
             entry.phase = str(phase) if phase else None
 
+    def update_progress(
+        self, namespace: str, job: str, progress: Mapping[str, Any] | None, deadline: float | None = None
+    ) -> None:
+        """The job's latest progress (status.progress figures) and its deadline (Unix time)."""
+        series = progress_series((namespace, job), progress, deadline) if progress else {}
+        with self._lock:
+            self._jobs.setdefault((namespace, job), _JobEntry()).progress = series
+
     def record_scrape_error(self, namespace: str, job: str, pod: str, count: int = 1) -> None:
         """A pod's stats endpoint did not answer, answered an error or unparsable text."""
         with self._lock:
@@ -315,7 +331,7 @@ class JobMetricsExporter(Collector):
         with self._lock:
             entry = self._jobs.get((namespace, job))
             if entry is not None:
-                entry.analysis, entry.text = None, {}
+                entry.analysis, entry.text, entry.progress = None, {}, {}
 
     def forget_job(self, namespace: str, job: str) -> None:
         """Drop every series of the job (deleted or finished): nothing of it is rendered again."""
@@ -331,7 +347,7 @@ class JobMetricsExporter(Collector):
     def _snapshot(self) -> list[tuple[JobKey, _JobEntry]]:
         with self._lock:
             return [
-                (key, _JobEntry(e.analysis, e.text, e.restarts, e.phase, dict(e.scrape_errors)))
+                (key, _JobEntry(e.analysis, e.text, e.restarts, e.phase, dict(e.scrape_errors), e.progress))
                 for key, e in sorted(self._jobs.items())
             ]
 
@@ -340,7 +356,10 @@ class JobMetricsExporter(Collector):
         restarts: _Series = []
         phases: _Series = []
         errors: _Series = []
+        progress: dict[str, _Series] = {name: [] for name in PROGRESS_NAMES}
         for key, entry in snapshot:
+            for name, rows in entry.progress.items():
+                progress[name] += rows
             if entry.restarts is not None:
                 restarts.append((list(key), float(entry.restarts)))
             if entry.phase is not None:
@@ -350,6 +369,7 @@ class JobMetricsExporter(Collector):
             "shardwise_job_restarts": restarts,
             "shardwise_job_phase": phases,
             "shardwise_scrape_errors": errors,
+            **progress,
         }
 
     def render(self) -> bytes:

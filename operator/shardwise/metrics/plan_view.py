@@ -25,6 +25,11 @@ class PlanView:
     dp: int
     capacity_bytes: int | None = None
     per_stage: tuple[StagePrediction, ...] = ()
+    step_seconds: float | None = None  # the planner's step-time estimate
+    model_flops_per_step: float | None = None  # recompute excluded
+    gpu: str = ""
+    gpu_peak_flops: float | None = None
+    mfu: float | None = None  # the MFU the estimate assumed
 
     @property
     def world_size(self) -> int:
@@ -46,6 +51,10 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def plan_from_layout(layout: Mapping[str, Any]) -> PlanView:
     """A :class:`PlanView` of a ``layout.json`` document (the ``<job>-layout`` ConfigMap)."""
     lay = layout.get("layout") or {}
@@ -64,4 +73,9 @@ def plan_from_layout(layout: Mapping[str, Any]) -> PlanView:
         dp=int(lay.get("dp", 1)),
         capacity_bytes=_opt_int(predicted.get("gpu_memory_bytes")),
         per_stage=stages,
+        step_seconds=_opt_float(predicted.get("step_time_seconds")),
+        model_flops_per_step=_opt_float(predicted.get("model_flops_per_step")),
+        gpu=str(predicted.get("gpu") or ""),
+        gpu_peak_flops=_opt_float(predicted.get("gpu_peak_flops")),
+        mfu=_opt_float(predicted.get("mfu")),
     )

@@ -56,6 +56,11 @@ class RankSample:
     timestamp: float | None = None
     checkpoint_step: float | None = None  # the newest complete checkpoint this attempt saved
     checkpoint_timestamp: float | None = None
+    total_steps: float | None = None
+    tokens_per_step: float | None = None
+    samples_per_step: float | None = None
+    loss: float | None = None
+    validation_loss: float | None = None
 
     #: Derived once at construction (the analysis reads them on every pass over the window).
     used_bytes: float | None = field(init=False, default=None, compare=False)
@@ -83,6 +88,11 @@ _SCALAR_FIELDS = {
     "last_update_timestamp_seconds": "timestamp",
     "checkpoint_step": "checkpoint_step",
     "checkpoint_timestamp_seconds": "checkpoint_timestamp",
+    "total_steps": "total_steps",
+    "tokens_per_step": "tokens_per_step",
+    "samples_per_step": "samples_per_step",
+    "loss": "loss",
+    "validation_loss": "validation_loss",
 }
 
 

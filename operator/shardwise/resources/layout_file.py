@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from shardwise.planner import Evaluation, Layout, PlanRequest, PlanResult
+from shardwise.planner.cost import step_flops
+from shardwise.planner.memory import model_context
 from shardwise.planner.methods import first_trainable_layer
 from shardwise.resources.deepspeed_config import deepspeed_config_for
 
@@ -70,6 +72,13 @@ def layout_document(request: PlanRequest, evaluation: Evaluation) -> dict[str, A
             "per_stage": per_stage,
             "cpu_memory_per_node": evaluation.cpu_memory_per_node,
             "step_time_seconds": evaluation.step_time.total,
+            # What measured MFU is computed from (status.progress.mfu): model FLOPs of one step
+            # without recompute (recompute is overhead, not model work), the catalog GPU's peak and
+            # the MFU the step-time estimate assumed.
+            "model_flops_per_step": step_flops(model_context(request), "none"),
+            "gpu": request.cluster.gpu.name,
+            "gpu_peak_flops": request.cluster.gpu.peak_flops,
+            "mfu": request.settings.mfu,
         },
         "deepspeed": deepspeed_config_for(request, layout),
     }
