@@ -81,7 +81,10 @@ def test_layout_document_follows_the_contract() -> None:
     stages = doc["ranks"]["stage_layers"]
     assert len(stages) == lay["pp"] and stages[0][0] == 0 and stages[-1][1] == 80
     predicted = doc["predicted"]
-    assert set(predicted) == {"gpu_memory_bytes", "per_stage", "cpu_memory_per_node", "step_time_seconds"}
+    assert set(predicted) == {
+        "gpu_memory_bytes", "per_stage", "cpu_memory_per_node", "step_time_seconds", "gpu", "gpu_peak_flops",
+        "model_flops_per_step", "mfu",
+    }  # fmt: skip
     for i, stage in enumerate(predicted["per_stage"]):
         assert stage["stage"] == i
         assert stage["total"] == sum(

@@ -127,10 +127,14 @@ def advance(tracker: Tracker, obs: Observation | None) -> Tracker:
     return Tracker(obs, ema(tracker.smoothed_loss, obs.loss), pace)
 
 
+_BOUND = 1e12
+
+
 def _round(value: float | None, digits: int = 4) -> float | None:
     """Significant digits: status values change only when the figure does (fewer writes, easy reading)."""
     if value is None or not math.isfinite(value):
         return None
+    value = max(-_BOUND, min(_BOUND, value))  # the CRD's bounds: one wild figure must not fail the patch
     return float(f"{value:.{digits}g}")
 
 
