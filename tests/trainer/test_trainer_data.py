@@ -26,10 +26,7 @@ from shardwise_trainer.data.packing import IGNORE, PackStats
 pytestmark = pytest.mark.trainer
 
 #: A ChatML template without {% generation %} markers: masks come from rendering prefixes.
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML = tiny_models.CHATML
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is LoRA?"},
@@ -50,9 +47,7 @@ def tokenizer(model_dir: Path) -> Any:
     return chat.load_tokenizer(str(model_dir), trust_remote_code=False)
 
 
-def write_jsonl(path: Path, docs: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return path
+write_jsonl = tiny_models.write_jsonl
 
 
 def opts(tmp_path: Path, model_dir: Path, data: Path, **kw: Any) -> source.DataOptions:
@@ -454,20 +449,6 @@ def test_no_template_and_no_eos_exits_2(lora_layout: Path, model_dir: Path, tmp_
 # --- one real run: DP2 LoRA on chat messages, the loss falls, a validation loss is emitted ---------------
 
 
-def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Short chats whose answers are learnable (a fixed reply per question)."""
-    rng = np.random.default_rng(seed)
-    replies = {"LoRA?": "low rank.", "QLoRA?": "four bits.", "ZeRO?": "partitions."}
-    keys = sorted(replies)
-    out = []
-    for _ in range(n):
-        q = keys[int(rng.integers(len(keys)))]
-        out.append(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": replies[q]}]}
-        )
-    return out
-
-
 def test_dp2_lora_on_chat_messages_trains_reports_validation_loss_and_resumes(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -476,7 +457,7 @@ def test_dp2_lora_on_chat_messages_trains_reports_validation_loss_and_resumes(
         tiny_models.SPEC_ARCH["llama"], "lora", loraRank=4, loraTargets=TARGETS_ALL, sequenceLength=64
     )
     fl.plan_layout(layout, job, gpus=2, zero=2, micro_batch=2)
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(200))
+    data = write_jsonl(tmp_path / "chat.jsonl", tiny_models.chat_records(200))
     stats = tmp_path / "stats"
     args = (
         "--hf-model", str(model_dir), "--data", str(data), "--validation-fraction", "0.1",
