@@ -276,8 +276,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 '''
 
 
-def chatglm(directory: Path, *, seed: int = 0) -> Path:
-    """A ChatGLM3-style model directory with its own modelling code (needs trust_remote_code)."""
+def chatglm(directory: Path, *, seed: int = 0, remote_tokenizer: bool = False) -> Path:
+    """A ChatGLM3-style model directory with its own modelling code (needs trust_remote_code).
+
+    ``remote_tokenizer``: ChatGLM3's kind of tokenizer too — slow, remote code, its chat template
+    (tests/tiny_remote_tokenizer.py) — instead of the fast one of the other stand-ins.
+    """
     import importlib  # noqa: PLC0415
     import importlib.util  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -312,6 +316,10 @@ def chatglm(directory: Path, *, seed: int = 0) -> Path:
     doc["model_type"] = "chatglm"
     (directory / "config.json").write_text(json.dumps(doc, indent=2))
     save_tokenizer(directory)
+    if remote_tokenizer:
+        from tests import tiny_remote_tokenizer  # noqa: PLC0415
+
+        tiny_remote_tokenizer.save(directory, CORPUS, VOCAB)
     return directory
 
 
