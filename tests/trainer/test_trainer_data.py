@@ -8,8 +8,6 @@ termination message); one torchrun DP2 LoRA run on a chat ``messages`` file clos
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import finetune_layouts as fl
 import numpy as np
 import pytest
 from tests import tiny_models
-from trainer_runner import run_trainer, trainer_env
+from trainer_runner import run_refused, run_trainer
 
 from shardwise_trainer import contract
 from shardwise_trainer.data import cache, chat, order, packing, records, source
@@ -356,23 +354,13 @@ def lora_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bad(layout: Path, tmp_path: Path, *args: str) -> tuple[int, str, str, Path]:
-    message = tmp_path / "termination-log"
+    """run_refused with an output and a cache directory of the test's own; also returns the output."""
     out = tmp_path / "out"
-    argv = ["--layout", str(layout), "--steps", "1", *args]
-    if "--hf-model" in args:
-        argv += ["--output-dir", str(out)]
-    argv += ["--data-cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardwise_trainer", *argv],
-        capture_output=True,
-        text=True,
-        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message), "HF_HUB_OFFLINE": "1"}),
-        timeout=300,
-        check=False,
+    extra = ["--output-dir", str(out)] if "--hf-model" in args else []
+    code, line, message = run_refused(
+        layout, tmp_path, *args, *extra, "--data-cache-dir", str(tmp_path / "cache")
     )
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("shardwise-train:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return proc.returncode, lines[0], message.read_text() if message.exists() else "", out
+    return code, line, message, out
 
 
 BAD_CASES = {
