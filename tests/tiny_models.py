@@ -276,8 +276,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 '''
 
 
-def chatglm(directory: Path, *, seed: int = 0) -> Path:
-    """A ChatGLM3-style model directory with its own modelling code (needs trust_remote_code)."""
+def chatglm(directory: Path, *, seed: int = 0, remote_tokenizer: bool = False) -> Path:
+    """A ChatGLM3-style model directory with its own modelling code (needs trust_remote_code).
+
+    ``remote_tokenizer``: ChatGLM3's kind of tokenizer too — slow, remote code, its chat template
+    (tests/tiny_remote_tokenizer.py) — instead of the fast one of the other stand-ins.
+    """
     import importlib  # noqa: PLC0415
     import importlib.util  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -312,6 +316,10 @@ def chatglm(directory: Path, *, seed: int = 0) -> Path:
     doc["model_type"] = "chatglm"
     (directory / "config.json").write_text(json.dumps(doc, indent=2))
     save_tokenizer(directory)
+    if remote_tokenizer:
+        from tests import tiny_remote_tokenizer  # noqa: PLC0415
+
+        tiny_remote_tokenizer.save(directory, CORPUS, VOCAB)
     return directory
 
 
@@ -324,4 +332,43 @@ def skewed_tokens(path: Path, *, n: int = 20_000, token: int = 42, share: float 
     rng = np.random.default_rng(seed)
     ids = np.where(rng.random(n) < share, token, rng.integers(0, VOCAB, n))
     np.asarray(ids, dtype=np.uint16).tofile(path)
+    return path
+
+
+#: A ChatML template without {% generation %} markers (the masks come from prefix renders).
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def with_chat_template(directory: Path, template: str = CHATML) -> Path:
+    """Give the model directory's tokenizer a chat template (tokenizer_config.json), as real chat
+    models ship one."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Short chat ``messages`` records whose answers are learnable (a fixed reply per question)."""
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    replies = {"LoRA?": "low rank.", "QLoRA?": "four bits.", "ZeRO?": "partitions."}
+    keys = sorted(replies)
+    out = []
+    for _ in range(n):
+        q = keys[int(rng.integers(len(keys)))]
+        out.append(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": replies[q]}]}
+        )
+    return out
+
+
+def write_jsonl(path: Path, docs: list[Any]) -> Path:
+    """One JSON document per line."""
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return path

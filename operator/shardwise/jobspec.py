@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any, cast
@@ -21,6 +22,7 @@ from shardwise.planner import (
 from shardwise.planner.errors import PlanInputError
 from shardwise.planner.request import LORA_TARGETS
 from shardwise.planner.units import parse_count, parse_size
+from shardwise.storage_spec import storage_from_spec
 
 API_VERSION = "shardwise.dev/v1alpha1"
 KIND = "ParallelTrainingJob"
@@ -345,6 +347,13 @@ def request_from_spec(
     if model is None:
         model = model_from_spec(_mapping(spec.get("model"), "spec.model"))
     training, pin_kwargs = _training(_mapping(spec.get("training"), "spec.training"))
+    try:
+        storage = storage_from_spec(spec)
+    except PlanInputError as exc:
+        raise SpecError(str(exc)) from None
+    if storage.model is not None:
+        # A model directory means pretrained weights, whatever the method (the capability row).
+        training = dataclasses.replace(training, pretrained=True)
     arch = model.architecture
     explicit = isinstance(spec.get("model"), Mapping) and spec["model"].get("architecture") is not None
     if (

@@ -392,6 +392,82 @@ BAD: list[tuple[str, Mutation, str]] = [
         _set("spec.resources.tolerations", [{"key": "gpu", "operator": "Exists", "value": "yes"}]),
         "operator Exists must not have a value",
     ),
+    # model / data / output / checkpoint (docs/crd.md "Model, data, output and checkpoint")
+    (
+        "model-path-relative",
+        _set("spec.model.path", "models/llama"),
+        "spec.model.path must be an absolute path",
+    ),
+    ("model-path-dotdot", _set("spec.model.path", "/models/../etc"), "without .. segments"),
+    (
+        "model-volume-without-path",
+        _set("spec.model.volume", {"claimName": "models"}),
+        "spec.model.volume needs spec.model.path",
+    ),
+    (
+        "volume-claim-and-name",
+        _set("spec.output", {"path": "/o", "volume": {"claimName": "a", "name": "b"}}),
+        "spec.output.volume takes exactly one of claimName or name",
+    ),
+    (
+        "volume-neither-claim-nor-name",
+        _set("spec.data", {"path": "/d.jsonl", "volume": {"subPath": "x"}}),
+        "spec.data.volume takes exactly one of claimName or name",
+    ),
+    (
+        "volume-name-not-in-template",
+        _set("spec.data", {"path": "/d.jsonl", "volume": {"name": "datasets"}}),
+        "spec.data.volume.name datasets is not a volume of spec.template.spec.volumes",
+    ),
+    (
+        "volume-subpath-absolute",
+        _set("spec.checkpoint", {"path": "/c", "volume": {"claimName": "c", "subPath": "/abs"}}),
+        "subPath must be a relative path",
+    ),
+    (
+        "output-volume-read-only",
+        _set("spec.output", {"path": "/o", "volume": {"claimName": "r", "readOnly": True}}),
+        "spec.output.volume.readOnly must be false",
+    ),
+    (
+        "data-format-unknown",
+        _set("spec.data", {"path": "/d", "format": "csv"}),
+        "spec.data.format: Unsupported value",
+    ),
+    ("data-packing-unknown", _set("spec.data", {"path": "/d", "packing": "squash"}), "spec.data.packing"),
+    ("data-without-path", _set("spec.data", {"format": "messages"}), "spec.data.path: Required value"),
+    (
+        "validation-path-and-fraction",
+        _set("spec.data", {"path": "/d", "validation": {"path": "/v", "fraction": 0.1}}),
+        "spec.data.validation takes exactly one of path or fraction",
+    ),
+    ("validation-fraction-one", _set("spec.data", {"path": "/d", "validation": {"fraction": 1}}), "fraction"),
+    (
+        "validation-fraction-zero",
+        _set("spec.data", {"path": "/d", "validation": {"fraction": 0}}),
+        "fraction",
+    ),
+    (
+        "eval-every-without-validation",
+        _set("spec.data", {"path": "/d", "evalEvery": 10}),
+        "spec.data.evalEvery needs spec.data.validation",
+    ),
+    (
+        "eval-every-zero",
+        _set("spec.data", {"path": "/d", "validation": {"fraction": 0.1}, "evalEvery": 0}),
+        "spec.data.evalEvery",
+    ),
+    ("checkpoint-keep-zero", _set("spec.checkpoint", {"path": "/c", "keep": 0}), "spec.checkpoint.keep"),
+    (
+        "checkpoint-relative",
+        _set("spec.checkpoint", {"path": "ckpt"}),
+        "spec.checkpoint.path must be an absolute",
+    ),
+    (
+        "output-without-path",
+        _set("spec.output", {"volume": {"claimName": "r"}}),
+        "spec.output.path: Required value",
+    ),
 ]
 
 
@@ -491,6 +567,36 @@ GOOD: list[tuple[str, Mutation]] = [
     (
         "single-container-not-named-trainer",
         _containers({"name": "main", "image": "img", "env": [{"name": "RANKING", "value": "1"}]}),
+    ),
+    (
+        "model-data-output-checkpoint-on-volumes",
+        _all(
+            _set("spec.model.path", "/llama"),
+            _set("spec.model.trustRemoteCode", True),
+            _set("spec.model.volume", {"name": "models", "subPath": "hf"}),
+            _set("spec.template.spec.volumes", [{"name": "models", "hostPath": {"path": "/srv/models"}}]),
+            _set(
+                "spec.data",
+                {
+                    "path": "/chat.jsonl",
+                    "volume": {"claimName": "datasets"},
+                    "format": "messages",
+                    "packing": "pad",
+                    "validation": {"fraction": 0.05},
+                    "evalEvery": 20,
+                    "chatTemplate": "/template.jinja",
+                },
+            ),
+            _set("spec.output", {"path": "/adapter", "volume": {"claimName": "results"}}),
+            _set(
+                "spec.checkpoint",
+                {"path": "/ckpt", "volume": {"claimName": "results"}, "everySteps": 100, "everyMinutes": 30},
+            ),
+        ),
+    ),
+    (
+        "paths-in-the-image",
+        _all(_set("spec.model.path", "/opt/model"), _set("spec.output", {"path": "/tmp/out"})),
     ),
 ]
 

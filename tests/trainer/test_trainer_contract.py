@@ -14,7 +14,9 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from layouts import hand_layout
 from prometheus_client.parser import text_string_to_metric_families
 
+from shardwise.storage_spec import DATA_FORMATS, PACKING
 from shardwise_trainer import contract, dsconfig, metrics
+from shardwise_trainer.data import packing, records
 
 pytestmark = pytest.mark.trainer
 
@@ -182,3 +184,9 @@ def test_cli_rejects_a_bad_layout_with_exit_code_2(tmp_path: Path) -> None:
         timeout=120,
     )
     assert missing.returncode == 2 and "SHARDWISE_LAYOUT_FILE" in missing.stderr
+
+
+def test_data_formats_and_packing_match_the_operators_spec() -> None:
+    """spec.data.format / packing (CRD enum, operator parser) are exactly what the trainer reads."""
+    assert set(DATA_FORMATS) == set(records.FORMATS)
+    assert set(PACKING) == set(packing.POLICIES)

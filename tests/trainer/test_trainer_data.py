@@ -8,8 +8,6 @@ termination message); one torchrun DP2 LoRA run on a chat ``messages`` file clos
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import finetune_layouts as fl
 import numpy as np
 import pytest
 from tests import tiny_models
-from trainer_runner import run_trainer, trainer_env
+from trainer_runner import run_refused, run_trainer
 
 from shardwise_trainer import contract
 from shardwise_trainer.data import cache, chat, order, packing, records, source
@@ -26,10 +24,7 @@ from shardwise_trainer.data.packing import IGNORE, PackStats
 pytestmark = pytest.mark.trainer
 
 #: A ChatML template without {% generation %} markers: masks come from rendering prefixes.
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML = tiny_models.CHATML
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is LoRA?"},
@@ -50,9 +45,7 @@ def tokenizer(model_dir: Path) -> Any:
     return chat.load_tokenizer(str(model_dir), trust_remote_code=False)
 
 
-def write_jsonl(path: Path, docs: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    return path
+write_jsonl = tiny_models.write_jsonl
 
 
 def opts(tmp_path: Path, model_dir: Path, data: Path, **kw: Any) -> source.DataOptions:
@@ -361,23 +354,13 @@ def lora_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bad(layout: Path, tmp_path: Path, *args: str) -> tuple[int, str, str, Path]:
-    message = tmp_path / "termination-log"
+    """run_refused with an output and a cache directory of the test's own; also returns the output."""
     out = tmp_path / "out"
-    argv = ["--layout", str(layout), "--steps", "1", *args]
-    if "--hf-model" in args:
-        argv += ["--output-dir", str(out)]
-    argv += ["--data-cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardwise_trainer", *argv],
-        capture_output=True,
-        text=True,
-        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message), "HF_HUB_OFFLINE": "1"}),
-        timeout=300,
-        check=False,
+    extra = ["--output-dir", str(out)] if "--hf-model" in args else []
+    code, line, message = run_refused(
+        layout, tmp_path, *args, *extra, "--data-cache-dir", str(tmp_path / "cache")
     )
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("shardwise-train:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return proc.returncode, lines[0], message.read_text() if message.exists() else "", out
+    return code, line, message, out
 
 
 BAD_CASES = {
@@ -454,20 +437,6 @@ def test_no_template_and_no_eos_exits_2(lora_layout: Path, model_dir: Path, tmp_
 # --- one real run: DP2 LoRA on chat messages, the loss falls, a validation loss is emitted ---------------
 
 
-def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Short chats whose answers are learnable (a fixed reply per question)."""
-    rng = np.random.default_rng(seed)
-    replies = {"LoRA?": "low rank.", "QLoRA?": "four bits.", "ZeRO?": "partitions."}
-    keys = sorted(replies)
-    out = []
-    for _ in range(n):
-        q = keys[int(rng.integers(len(keys)))]
-        out.append(
-            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": replies[q]}]}
-        )
-    return out
-
-
 def test_dp2_lora_on_chat_messages_trains_reports_validation_loss_and_resumes(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -476,7 +445,7 @@ def test_dp2_lora_on_chat_messages_trains_reports_validation_loss_and_resumes(
         tiny_models.SPEC_ARCH["llama"], "lora", loraRank=4, loraTargets=TARGETS_ALL, sequenceLength=64
     )
     fl.plan_layout(layout, job, gpus=2, zero=2, micro_batch=2)
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(200))
+    data = write_jsonl(tmp_path / "chat.jsonl", tiny_models.chat_records(200))
     stats = tmp_path / "stats"
     args = (
         "--hf-model", str(model_dir), "--data", str(data), "--validation-fraction", "0.1",

@@ -29,7 +29,7 @@ import finetune_layouts as fl
 import pytest
 from test_trainer_equivalence import TOLERANCE
 from tests import tiny_models
-from trainer_runner import RunResult, run_trainer, trainer_env
+from trainer_runner import RunResult, run_refused, run_trainer, trainer_env
 
 from shardwise.jobspec import request_from_spec
 from shardwise.planner import gpu
@@ -308,19 +308,7 @@ def test_offload_steps_deepspeed_cpu_adam(runs: Runs, zero: int, offload: str) -
 
 
 def _bad_run(layout: Path, model_dir: Path, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
-    message = tmp_path / "termination-log"
-    argv = ["--layout", str(layout), "--hf-model", str(model_dir), "--synthetic-data", "--steps", "1", *extra]
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardwise_trainer", *argv],
-        capture_output=True,
-        text=True,
-        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message), "HF_HUB_OFFLINE": "1"}),
-        timeout=300,
-        check=False,
-    )
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("shardwise-train:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return proc.returncode, lines[0], message.read_text() if message.exists() else ""
+    return run_refused(layout, tmp_path, "--hf-model", str(model_dir), "--synthetic-data", *extra)
 
 
 @pytest.fixture(scope="module")

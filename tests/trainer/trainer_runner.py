@@ -112,6 +112,23 @@ def run_trainer(
     return result
 
 
+def run_refused(layout: Path, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """The trainer CLI alone (one process, one step) on input it must refuse: (exit code, its one
+    ``shardwise-train:`` stderr line, the termination message). Fails unless exactly one such line."""
+    message = tmp_path / "termination-log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardwise_trainer", "--layout", str(layout), "--steps", "1", *args],
+        capture_output=True,
+        text=True,
+        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message), "HF_HUB_OFFLINE": "1"}),
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("shardwise-train:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return proc.returncode, lines[0], message.read_text() if message.exists() else ""
+
+
 #: name -> (layout knobs, nproc); every layout trains the same model on the same global batch.
 LAYOUTS: dict[str, dict[str, Any]] = {
     "single": {"micro_batch": 2},

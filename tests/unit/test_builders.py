@@ -20,6 +20,7 @@ from shardwise.resources.pods import (
     torchrun_target,
 )
 from shardwise.resources.service import build_service
+from shardwise_trainer import contract
 
 
 def job(**spec: Any) -> dict[str, Any]:
@@ -248,3 +249,147 @@ def test_reserved_env_names_match_the_crd_rule() -> None:
     rule = re.search(r"!\(self in \[([^\]]*)\]", crd)
     assert rule is not None
     assert set(re.findall(r"'([A-Z_]+)'", rule.group(1))) == set(RESERVED_ENV)
+
+
+def trainer_of(pod: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = pod["spec"]["containers"][0]
+    return container
+
+
+def storage_job(template_volumes: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
+    doc = job(**spec)
+    if template_volumes is not None:
+        doc["spec"]["template"]["spec"]["volumes"] = template_volumes
+    return doc
+
+
+def test_storage_fields_mount_their_volumes_and_fill_the_contract_env() -> None:
+    doc = storage_job(
+        [{"name": "models", "hostPath": {"path": "/srv/models"}}],
+        model={
+            "preset": "llama-2-7b",
+            "path": "/llama",
+            "trustRemoteCode": True,
+            "volume": {"name": "models"},
+        },
+        data={
+            "path": "/chat/train.jsonl",
+            "volume": {"claimName": "datasets", "subPath": "v2"},
+            "format": "messages",
+            "packing": "pad",
+            "validation": {"path": "/chat/val.jsonl"},
+            "evalEvery": 5,
+            "chatTemplate": "/chat/template.jinja",
+        },
+        output={"path": "/runs/adapter", "volume": {"claimName": "results"}},
+        checkpoint={
+            "path": "/ckpt",
+            "volume": {"claimName": "results"},
+            "everySteps": 50,
+            "everyMinutes": 7.5,
+            "keep": 3,
+        },
+    )
+    pod = build_pod(doc, SHAPE, 0)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["models"] == {"name": "models", "hostPath": {"path": "/srv/models"}}
+    assert volumes["shardwise-data"]["persistentVolumeClaim"] == {"claimName": "datasets"}
+    # output and checkpoint share one claim: one pod volume, mounted twice.
+    assert volumes["shardwise-output"]["persistentVolumeClaim"] == {"claimName": "results"}
+    assert "shardwise-checkpoint" not in volumes
+    mounts = {m["mountPath"]: m for m in trainer_of(pod)["volumeMounts"]}
+    assert mounts["/shardwise/model"] == {"name": "models", "mountPath": "/shardwise/model", "readOnly": True}
+    assert mounts["/shardwise/data"] == {
+        "name": "shardwise-data",
+        "mountPath": "/shardwise/data",
+        "readOnly": True,
+        "subPath": "v2",
+    }
+    assert mounts["/shardwise/output"] == {
+        "name": "shardwise-output",
+        "mountPath": "/shardwise/output",
+        "readOnly": False,
+    }
+    assert mounts["/shardwise/checkpoint"]["name"] == "shardwise-output"
+    env = env_of(pod)
+    assert env["SHARDWISE_HF_MODEL"] == "/shardwise/model/llama"
+    assert env["SHARDWISE_TRUST_REMOTE_CODE"] == "true"
+    assert env["SHARDWISE_DATA"] == "/shardwise/data/chat/train.jsonl"
+    assert env["SHARDWISE_DATA_FORMAT"] == "messages"
+    assert env["SHARDWISE_PACKING"] == "pad"
+    assert env["SHARDWISE_VALIDATION_DATA"] == "/shardwise/data/chat/val.jsonl"
+    assert env["SHARDWISE_VALIDATION_FRACTION"] == "0"
+    assert env["SHARDWISE_EVAL_EVERY"] == "5"
+    assert env["SHARDWISE_CHAT_TEMPLATE"] == "/shardwise/data/chat/template.jinja"
+    assert env["SHARDWISE_OUTPUT_DIR"] == "/shardwise/output/runs/adapter"
+    assert env["SHARDWISE_CHECKPOINT_DIR"] == "/shardwise/checkpoint/ckpt"
+    assert env["SHARDWISE_CHECKPOINT_EVERY"] == "50"
+    assert env["SHARDWISE_CHECKPOINT_EVERY_MINUTES"] == "7.5"
+    assert env["SHARDWISE_CHECKPOINT_KEEP"] == "3"
+
+
+def test_unset_storage_fields_leave_the_contract_defaults() -> None:
+    env = env_of(build_pod(job(), SHAPE, 1))
+    for name in (
+        contract.ENV_HF_MODEL,
+        contract.ENV_TRUST_REMOTE_CODE,
+        contract.ENV_OUTPUT_DIR,
+        contract.ENV_DATA_FILE,
+        contract.ENV_DATA_FORMAT,
+        contract.ENV_PACKING,
+        contract.ENV_VALIDATION_DATA,
+        contract.ENV_VALIDATION_FRACTION,
+        contract.ENV_EVAL_EVERY,
+        contract.ENV_CHAT_TEMPLATE,
+        contract.ENV_CHECKPOINT_DIR,
+        contract.ENV_CHECKPOINT_EVERY,
+        contract.ENV_CHECKPOINT_EVERY_MINUTES,
+        contract.ENV_CHECKPOINT_KEEP,
+    ):
+        assert env[name] == contract.ENV_DEFAULTS[name], name
+    assert not any(
+        m["mountPath"].startswith("/shardwise/")
+        for m in trainer_of(build_pod(job(), SHAPE, 1))["volumeMounts"]
+    )
+
+
+def test_a_path_without_a_volume_is_the_container_path() -> None:
+    doc = job(model={"preset": "llama-2-7b", "path": "/opt/models/llama"}, output={"path": "/tmp/out"})
+    env = env_of(build_pod(doc, SHAPE, 0))
+    assert env["SHARDWISE_HF_MODEL"] == "/opt/models/llama"
+    assert env["SHARDWISE_OUTPUT_DIR"] == "/tmp/out"
+    assert env["SHARDWISE_DATA_FORMAT"] == "auto"
+
+
+def test_validation_fraction_and_path_at_the_volume_root() -> None:
+    doc = job(data={"path": "/", "volume": {"claimName": "d"}, "validation": {"fraction": 0.1}})
+    env = env_of(build_pod(doc, SHAPE, 0))
+    assert env["SHARDWISE_DATA"] == "/shardwise/data"
+    assert env["SHARDWISE_VALIDATION_FRACTION"] == "0.1"
+
+
+@pytest.mark.parametrize(
+    ("template_volumes", "spec", "message"),
+    [
+        (None, {"output": {"path": "/o", "volume": {"name": "nope"}}}, "spec.output.volume.name nope"),
+        (
+            [{"name": "x", "emptyDir": {}}],
+            {"data": {"path": "/d.jsonl", "volume": {"name": "x"}}, "checkpoint": {"path": "c"}},
+            "spec.checkpoint.path must be an absolute path",
+        ),
+    ],
+)
+def test_storage_mistakes_are_template_errors(
+    template_volumes: list[dict[str, Any]] | None, spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        build_pod(storage_job(template_volumes, **spec), SHAPE, 0)
+
+
+def test_a_template_mount_on_a_shardwise_mount_path_is_refused() -> None:
+    doc = job(output={"path": "/o", "volume": {"claimName": "r"}})
+    doc["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "mine", "mountPath": "/shardwise/output"}
+    ]
+    with pytest.raises(TemplateError, match="mounts /shardwise/output"):
+        build_pod(doc, SHAPE, 0)

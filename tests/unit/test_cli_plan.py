@@ -266,6 +266,7 @@ EXPECTED_EXIT = {
     "qwen2-72b-inference-8gpu.yaml": 1,  # refused: the trainer runs no inference yet
     "gpt3-175b-64xa100.yaml": 0,
     "tiny-cpu.yaml": 0,
+    "tiny-cpu-finetune.yaml": 0,
 }
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from shardwise.storage_spec import DATA_FORMATS, PACKING
+
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "paralleltrainingjobs.shardwise.dev.yaml"
 
 # Root-level fields whose schema the API server owns (a CRD may not restrict them further).
@@ -169,8 +171,42 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "template",
         "runPolicy",
         "monitoring",
+        "data",
+        "output",
+        "checkpoint",
     }
-    assert set(get(schema, "spec.model")["properties"]) == {"preset", "architecture", "parameters"}
+    assert set(get(schema, "spec.model")["properties"]) == {
+        "preset",
+        "architecture",
+        "parameters",
+        "path",
+        "trustRemoteCode",
+        "volume",
+    }
+    assert set(get(schema, "spec.data")["properties"]) == {
+        "path",
+        "volume",
+        "format",
+        "packing",
+        "validation",
+        "evalEvery",
+        "chatTemplate",
+    }
+    assert set(get(schema, "spec.output")["properties"]) == {"path", "volume"}
+    assert set(get(schema, "spec.checkpoint")["properties"]) == {
+        "path",
+        "volume",
+        "everySteps",
+        "everyMinutes",
+        "keep",
+    }
+    for role in ("model", "data", "output", "checkpoint"):
+        assert set(get(schema, f"spec.{role}.volume")["properties"]) == {
+            "claimName",
+            "name",
+            "subPath",
+            "readOnly",
+        }
     assert set(get(schema, "spec.model.architecture")["properties"]) == {
         "layers",
         "hiddenSize",
@@ -410,3 +446,12 @@ def test_every_field_of_job_spec_md_is_in_the_crd(schema: Schema) -> None:
         return missing
 
     assert check(doc, schema, "") == []
+
+
+def test_data_formats_and_packing_are_the_trainers(schema: Schema) -> None:
+    """The enums the API server checks are the ones the operator's parser (and the trainer) accept."""
+    assert tuple(get(schema, "spec.data.format")["enum"]) == DATA_FORMATS
+    assert tuple(get(schema, "spec.data.packing")["enum"]) == PACKING
+    assert get(schema, "spec.checkpoint.keep")["default"] == 2
+    assert get(schema, "spec.checkpoint.keep")["minimum"] == 1
+    assert get(schema, "spec.data.evalEvery")["minimum"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -205,3 +206,75 @@ def test_a_null_required_architecture_field_is_named() -> None:
         request_from_spec(
             _spec(model={"architecture": {"layers": 2, "hiddenSize": None, "heads": 2, "vocabSize": 100}})
         )
+
+
+_TEMPLATE_WITH_VOLUME = {
+    "spec": {"containers": [{"name": "trainer", "image": "t"}], "volumes": [{"name": "m"}]}
+}
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"model": {"preset": "llama-2-7b", "path": "models/llama"}},
+            "spec.model.path must be an absolute path",
+        ),
+        ({"model": {"preset": "llama-2-7b", "path": "/a/../b"}}, "without .. segments"),
+        ({"model": {"preset": "llama-2-7b", "volume": {"claimName": "m"}}}, "spec.model.volume needs"),
+        ({"model": {"preset": "llama-2-7b", "path": "/m", "volume": {}}}, "exactly one of claimName or name"),
+        (
+            {"model": {"preset": "llama-2-7b", "path": "/m", "volume": {"claimName": "a", "name": "m"}}},
+            "exactly one of claimName or name",
+        ),
+        (
+            {"model": {"preset": "llama-2-7b", "path": "/m", "volume": {"name": "x"}}},
+            "spec.model.volume.name x",
+        ),
+        ({"data": {"path": "/d", "format": "csv"}}, "spec.data.format: expected one of auto"),
+        ({"data": {"path": "/d", "packing": "squash"}}, "spec.data.packing"),
+        ({"data": {"format": "messages"}}, "spec.data.path: required"),
+        ({"data": {"path": "/d", "validation": {}}}, "exactly one of path or fraction"),
+        (
+            {"data": {"path": "/d", "validation": {"path": "/v", "fraction": 0.1}}},
+            "exactly one of path or fraction",
+        ),
+        ({"data": {"path": "/d", "validation": {"fraction": 1}}}, "0 < fraction < 1"),
+        ({"data": {"path": "/d", "validation": {"fraction": 0}}}, "0 < fraction < 1"),
+        ({"data": {"path": "/d", "evalEvery": 5}}, "evalEvery needs spec.data.validation"),
+        ({"data": {"path": "/d", "validation": {"fraction": 0.1}, "evalEvery": 0}}, "spec.data.evalEvery"),
+        (
+            {"data": {"path": "/d", "volume": {"claimName": "c", "subPath": "/abs"}}},
+            "subPath must be a relative",
+        ),
+        (
+            {"output": {"path": "/o", "volume": {"claimName": "c", "readOnly": True}}},
+            "readOnly must be false",
+        ),
+        ({"output": {"volume": {"claimName": "c"}}}, "spec.output.path: required"),
+        ({"checkpoint": {"path": "/c", "keep": 0}}, "spec.checkpoint.keep"),
+        ({"checkpoint": {"path": "/c", "everySteps": 0}}, "spec.checkpoint.everySteps"),
+        ({"checkpoint": {"path": "/c", "everyMinutes": 0}}, "spec.checkpoint.everyMinutes"),
+    ],
+)
+def test_bad_model_data_output_checkpoint_fields(sections: dict[str, Any], message: str) -> None:
+    spec = _spec(template=_TEMPLATE_WITH_VOLUME, **sections)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        request_from_spec(spec)
+
+
+def test_a_model_path_makes_the_job_pretrained() -> None:
+    assert not request_from_spec(_spec()).training.pretrained
+    spec = _spec(
+        model={"preset": "llama-2-7b", "path": "/llama", "volume": {"name": "m"}},
+        template=_TEMPLATE_WITH_VOLUME,
+        data={
+            "path": "/d.jsonl",
+            "volume": {"claimName": "c"},
+            "validation": {"fraction": 0.05},
+            "evalEvery": 10,
+        },
+        output={"path": "/o", "volume": {"claimName": "c"}},
+        checkpoint={"path": "/c", "everySteps": 100, "everyMinutes": 30, "keep": 1},
+    )
+    assert request_from_spec(spec).training.pretrained

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation loss every N steps (and at the end); 0 = at the end only (env SHARDWISE_EVAL_EVERY)",
     )
     p.add_argument(
-        "--chat-template", default=None, metavar="FILE", help="Jinja chat template replacing the tokenizer's"
+        "--chat-template",
+        default=os.environ.get(contract.ENV_CHAT_TEMPLATE) or None,
+        metavar="FILE",
+        help="Jinja chat template replacing the tokenizer's (env SHARDWISE_CHAT_TEMPLATE)",
     )
     p.add_argument("--seed", type=int, default=1234, help="model init and synthetic data seed")
     p.add_argument("--lr", type=float, default=None, help="override the DeepSpeed config's learning rate")

@@ -75,6 +75,30 @@ ENV_DS_ACCELERATOR: Final = "DS_ACCELERATOR"
 #: File the trainer writes its termination message to: the container's terminationMessagePath.
 ENV_TERMINATION_LOG: Final = "SHARDWISE_TERMINATION_LOG"
 
+#: From spec.model.path (docs/crd.md): a local directory holding a Hugging Face causal LM
+#: (``config.json`` + weights from ``save_pretrained``) to train instead of the built-in model; same
+#: as ``--hf-model DIR``. Needs ``transformers``; never downloads (docs/trainer.md). Empty = built-in.
+ENV_HF_MODEL: Final = "SHARDWISE_HF_MODEL"
+#: From spec.model.trustRemoteCode: ``true`` lets the trainer run modelling code shipped in the model
+#: directory (``auto_map``, e.g. ChatGLM3); same as ``--trust-remote-code``. Never a default.
+ENV_TRUST_REMOTE_CODE: Final = "SHARDWISE_TRUST_REMOTE_CODE"
+#: From spec.output.path: directory the result is saved to in Hugging Face format.
+ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
+
+#: From spec.data (same as the flags of the same names, docs/trainer.md "Data"): the data file, its
+#: format, the packing policy, the validation file / fraction, the evaluation interval and the chat
+#: template file.
+ENV_DATA_FILE: Final = "SHARDWISE_DATA"
+ENV_DATA_FORMAT: Final = "SHARDWISE_DATA_FORMAT"
+ENV_PACKING: Final = "SHARDWISE_PACKING"
+ENV_VALIDATION_DATA: Final = "SHARDWISE_VALIDATION_DATA"
+ENV_VALIDATION_FRACTION: Final = "SHARDWISE_VALIDATION_FRACTION"
+ENV_EVAL_EVERY: Final = "SHARDWISE_EVAL_EVERY"
+ENV_CHAT_TEMPLATE: Final = "SHARDWISE_CHAT_TEMPLATE"
+#: Optional, never set by the operator: where tokenized records are cached (default
+#: ``<checkpoint dir>/data-cache``, so a restart does not tokenize again).
+ENV_DATA_CACHE_DIR: Final = "SHARDWISE_DATA_CACHE_DIR"
+
 #: Every variable the operator sets (the operator's pod-env test checks this set).
 OPERATOR_ENV: Final = (
     ENV_LAYOUT_FILE,
@@ -88,8 +112,20 @@ OPERATOR_ENV: Final = (
     ENV_METRICS_PORT,
     ENV_CHECKPOINT_DIR,
     ENV_CHECKPOINT_EVERY,
+    ENV_CHECKPOINT_EVERY_MINUTES,
+    ENV_CHECKPOINT_KEEP,
     ENV_TERMINATION_LOG,
     "SHARDWISE_POD_IP",  # ENV_POD_IP, defined below with its note
+    ENV_HF_MODEL,
+    ENV_TRUST_REMOTE_CODE,
+    ENV_OUTPUT_DIR,
+    ENV_DATA_FILE,
+    ENV_DATA_FORMAT,
+    ENV_PACKING,
+    ENV_VALIDATION_DATA,
+    ENV_VALIDATION_FRACTION,
+    ENV_EVAL_EVERY,
+    ENV_CHAT_TEMPLATE,
 )
 
 #: Defaults the trainer applies when a variable is unset (``None`` = no default: optional).
@@ -105,8 +141,20 @@ ENV_DEFAULTS: Final[Mapping[str, str | None]] = {
     ENV_METRICS_PORT: "0",
     ENV_CHECKPOINT_DIR: "",
     ENV_CHECKPOINT_EVERY: "0",
+    ENV_CHECKPOINT_EVERY_MINUTES: "0",
+    ENV_CHECKPOINT_KEEP: "2",
     ENV_TERMINATION_LOG: "",
     "SHARDWISE_POD_IP": "",
+    ENV_HF_MODEL: "",
+    ENV_TRUST_REMOTE_CODE: "false",
+    ENV_OUTPUT_DIR: "",
+    ENV_DATA_FILE: "",
+    ENV_DATA_FORMAT: "auto",
+    ENV_PACKING: "pack",
+    ENV_VALIDATION_DATA: "",
+    ENV_VALIDATION_FRACTION: "0",
+    ENV_EVAL_EVERY: "0",
+    ENV_CHAT_TEMPLATE: "",
 }
 
 #: Set by torchrun, never by the user (the CRD rejects them in the pod template).
@@ -132,27 +180,6 @@ TORCHRUN_ENV: Final = (
 #: stats endpoint binds to it instead of all addresses — needed when several pods share one host,
 #: as with the local node runner's 127.0.0.x pods.
 ENV_POD_IP: Final = "SHARDWISE_POD_IP"
-
-#: Optional, set by the user (never by the operator): a local directory holding a Hugging Face
-#: causal LM (``config.json`` + weights from ``save_pretrained``) to train instead of the built-in
-#: model; same as ``--hf-model DIR``. Needs ``transformers``; never downloads (docs/trainer.md).
-ENV_HF_MODEL: Final = "SHARDWISE_HF_MODEL"
-#: Optional, set by the user: ``true`` lets the trainer run modelling code shipped in the model
-#: directory (``auto_map``, e.g. ChatGLM3); same as ``--trust-remote-code``. Never a default.
-ENV_TRUST_REMOTE_CODE: Final = "SHARDWISE_TRUST_REMOTE_CODE"
-#: Optional, set by the user: directory the result is saved to in Hugging Face format.
-ENV_OUTPUT_DIR: Final = "SHARDWISE_OUTPUT_DIR"
-
-#: Optional, set from the job spec (never by the operator today; same as the flags of the same
-#: names, docs/trainer.md "Data"): the data file, its format, the packing policy, where the
-#: tokenized data is cached, the validation file / fraction and the evaluation interval.
-ENV_DATA_FILE: Final = "SHARDWISE_DATA"
-ENV_DATA_FORMAT: Final = "SHARDWISE_DATA_FORMAT"
-ENV_PACKING: Final = "SHARDWISE_PACKING"
-ENV_DATA_CACHE_DIR: Final = "SHARDWISE_DATA_CACHE_DIR"
-ENV_VALIDATION_DATA: Final = "SHARDWISE_VALIDATION_DATA"
-ENV_VALIDATION_FRACTION: Final = "SHARDWISE_VALIDATION_FRACTION"
-ENV_EVAL_EVERY: Final = "SHARDWISE_EVAL_EVERY"
 
 #: Test-only switch, off by default: ``<rank>:<factor>`` makes that rank's compute ``factor`` times
 #: as long (extra matrix multiplications inside its forward, straggle.py). Never set by the operator.

@@ -28,6 +28,7 @@ from shardwise.resources.names import (
     service_name,
 )
 from shardwise.resources.owner import child_metadata
+from shardwise.storage_spec import StorageSpec, VolumeRef, storage_from_spec
 
 DEFAULT_TRAINER_COMMAND: Final = ("python", "-m", "shardwise_trainer")
 #: The kubelet's default terminationMessagePath; set explicitly so the trainer is told where it is.
@@ -70,8 +71,6 @@ class PodShape:
     gpus_per_node: int
     attempt: int
     gpu_resource: str = "nvidia.com/gpu"
-    checkpoint_dir: str = ""
-    checkpoint_every: int = 0
     #: Nodes the pods must not run on (status.excludedNodes: stragglers the job replaced).
     excluded_nodes: tuple[str, ...] = ()
 
@@ -144,8 +143,13 @@ def torchrun_command(job: dict[str, Any], shape: PodShape, node_rank: int, user_
 def contract_env(
     job: dict[str, Any], shape: PodShape, node_rank: int, termination_path: str = TERMINATION_MESSAGE_PATH
 ) -> list[dict[str, Any]]:
-    """The SHARDWISE_* variables of the layout contract, set on the trainer container."""
+    """The SHARDWISE_* variables of the layout contract, set on the trainer container.
+
+    spec.model.path / data / output / checkpoint fill their variables; unset ones keep the
+    contract default, so every pod carries the same names.
+    """
     meta = job["metadata"]
+    storage = _storage(job)
 
     def field(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
@@ -161,11 +165,51 @@ def contract_env(
         {"name": "SHARDWISE_NODE_RANK", "value": str(node_rank)},
         {"name": "SHARDWISE_ATTEMPT", "value": str(shape.attempt)},
         {"name": "SHARDWISE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
-        {"name": "SHARDWISE_CHECKPOINT_DIR", "value": shape.checkpoint_dir},
-        {"name": "SHARDWISE_CHECKPOINT_EVERY", "value": str(shape.checkpoint_every)},
         {"name": "SHARDWISE_TERMINATION_LOG", "value": termination_path},
+        *({"name": name, "value": value} for name, value in storage.env().items()),
     ]
     return env
+
+
+def _storage(job: dict[str, Any]) -> StorageSpec:
+    try:
+        return storage_from_spec(job["spec"])
+    except ValueError as exc:  # admission (CEL, jobspec) refuses these first; a clear error anyway
+        raise TemplateError(str(exc)) from None
+
+
+def _claim_volume_name(ref: VolumeRef, storage: StorageSpec) -> str:
+    # One pod volume per claim: the first role naming it gives the volume its name.
+    first = next(v for v in storage.volumes() if v.claim_name == ref.claim_name)
+    return f"shardwise-{first.role}"
+
+
+def _storage_mounts(job: dict[str, Any], pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
+    """Mount the volumes of spec.model / data / output / checkpoint at /shardwise/<role>."""
+    storage = _storage(job)
+    volumes = pod_spec.setdefault("volumes", [])
+    existing = {v.get("name") for v in volumes}
+    taken = {m.get("mountPath") for m in container.get("volumeMounts") or []}
+    for ref in storage.volumes():
+        if ref.mount_path in taken:
+            raise TemplateError(
+                f"spec.template mounts {ref.mount_path}, where shardwise mounts spec.{ref.role}.volume"
+            )
+        if ref.claim_name is not None:
+            name = _claim_volume_name(ref, storage)
+            if name not in existing:
+                volumes.append({"name": name, "persistentVolumeClaim": {"claimName": ref.claim_name}})
+                existing.add(name)
+        else:
+            name = str(ref.template_name)
+            if name not in existing:
+                raise TemplateError(
+                    f"spec.{ref.role}.volume.name {name} is not a volume of spec.template.spec.volumes"
+                )
+        mount: dict[str, Any] = {"name": name, "mountPath": ref.mount_path, "readOnly": ref.read_only}
+        if ref.sub_path:
+            mount["subPath"] = ref.sub_path
+        container.setdefault("volumeMounts", []).append(mount)
 
 
 def _check_user_env(container: dict[str, Any]) -> None:
@@ -220,6 +264,7 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
     if node_rank == 0 and RENDEZVOUS_PORT not in known:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
 
+    _storage_mounts(job, pod_spec, container)
     mounts = container.setdefault("volumeMounts", [])
     mounts.append({"name": "shardwise-layout", "mountPath": LAYOUT_MOUNT_PATH, "readOnly": True})
     # NCCL and DataLoader workers use /dev/shm; the container runtime's 64 MiB default breaks them.

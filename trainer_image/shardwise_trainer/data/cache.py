@@ -56,7 +56,9 @@ def tokenizer_digest(model_dir: Path) -> str:
     """Hash of the tokenizer's files (names and bytes), without loading the tokenizer."""
     h = hashlib.sha256()
     for item in sorted(model_dir.iterdir()):
-        if item.is_file() and (item.name in TOKENIZER_FILES or item.suffix in TOKENIZER_SUFFIXES):
+        # A remote-code tokenizer's own module (ChatGLM3's tokenization_chatglm.py) decides its tokens too.
+        remote = item.name.startswith("tokenization_") and item.suffix == ".py"
+        if item.is_file() and (item.name in TOKENIZER_FILES or item.suffix in TOKENIZER_SUFFIXES or remote):
             h.update(item.name.encode() + b"\0" + file_digest(item).encode())
     return h.hexdigest()
 

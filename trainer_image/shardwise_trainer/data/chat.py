@@ -13,6 +13,13 @@ span of the rendered conversation. The spans come from the template itself:
   turns change when later ones are added (it cannot be split this way) is refused: give it
   ``{% generation %}`` markers with ``--chat-template FILE``.
 
+With a fast tokenizer the spans are characters, mapped to tokens by the offsets. A slow tokenizer
+(ChatGLM3's SentencePiece remote code) has no offsets: the same prefix renders are tokenized
+instead and the spans are token counts, ``len(tokens(prompt))`` to ``len(tokens(upto))``, checked
+to be token prefixes of each other and of the whole conversation's tokens (a tokenizer that merges
+across the boundary is refused with the record's place); ``{% generation %}`` templates take
+this path too with a slow tokenizer (transformers' assistant mask needs offsets).
+
 A tokenizer without a chat template gets :data:`DEFAULT_CHAT_TEMPLATE` (Zephyr style: a
 ``<|role|>`` header line, each turn closed by the tokenizer's EOS token); without an EOS token no
 default applies and the run is refused. Documents (``text``) are tokenized with the tokenizer's
@@ -49,7 +56,7 @@ Encoded = tuple[np.ndarray, np.ndarray]  # (int32 token ids, bool trained mask),
 
 
 def load_tokenizer(model_dir: str, *, trust_remote_code: bool) -> Any:
-    """The model directory's own (fast) tokenizer; never downloaded."""
+    """The model directory's own tokenizer (fast, or slow remote code); never downloaded."""
     from shardwise_trainer import pretrained
 
     transformers = pretrained._import_transformers()
@@ -62,11 +69,6 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool) -> Any:
             f"--hf-model {model_dir}: no usable tokenizer there ({str(exc).splitlines()[0]}); record "
             "data is tokenized with the model's own tokenizer"
         ) from exc
-    if not getattr(tok, "is_fast", False):
-        raise pretrained.InvalidModel(
-            f"--hf-model {model_dir}: the tokenizer is not a fast (tokenizer.json) one; masking the "
-            "prompt needs character offsets"
-        )
     return tok
 
 
@@ -98,9 +100,10 @@ def _render(tokenizer: Any, template: str, messages: Sequence[Any], ex: Example,
     return str(text)
 
 
-def _prefix_spans(tokenizer: Any, template: str, ex: Example) -> tuple[str, list[tuple[int, int]]]:
+def _prefix_renders(tokenizer: Any, template: str, ex: Example) -> tuple[str, list[tuple[str, str]]]:
+    """The whole conversation and, per assistant turn, (prompt up to it, conversation through it)."""
     full = _render(tokenizer, template, ex.messages, ex, prompt=False)
-    spans = []
+    renders = []
     for i, message in enumerate(ex.messages):
         if message["role"] != "assistant":
             continue
@@ -114,8 +117,35 @@ def _prefix_spans(tokenizer: Any, template: str, ex: Example) -> tuple[str, list
                 "later ones follow, so the prompt cannot be told from the answer; give a template with "
                 "{% generation %} markers (--chat-template FILE)"
             )
-        spans.append((len(prompt), len(upto)))
-    return full, spans
+        renders.append((prompt, upto))
+    return full, renders
+
+
+def _prefix_spans(tokenizer: Any, template: str, ex: Example) -> tuple[str, list[tuple[int, int]]]:
+    full, renders = _prefix_renders(tokenizer, template, ex)
+    return full, [(len(prompt), len(upto)) for prompt, upto in renders]
+
+
+def _token_prefix_masks(tokenizer: Any, template: str, batch: Sequence[Example]) -> list[Encoded]:
+    """Slow tokenizers: the assistant spans as token counts of the prefix renders."""
+    per_example = [_prefix_renders(tokenizer, template, ex) for ex in batch]
+    texts = [t for full, renders in per_example for t in (full, *(x for pair in renders for x in pair))]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    out = []
+    for ex, (_, renders) in zip(batch, per_example, strict=True):
+        full = list(next(ids))
+        mask = np.zeros(len(full), dtype=bool)
+        for turn, _ in enumerate(renders):
+            prompt, upto = list(next(ids)), list(next(ids))
+            if upto[: len(prompt)] != prompt or full[: len(upto)] != upto:
+                raise InvalidDataset(
+                    f"{ex.where}: messages: assistant turn {turn + 1}: the tokenizer splits the prompt "
+                    "and the answer differently once they are joined, so the answer's tokens cannot be "
+                    "told apart; give a template that ends the prompt on a special token (--chat-template)"
+                )
+            mask[len(prompt) : len(upto)] = True
+        out.append((np.asarray(full, dtype=np.int32), mask))
+    return out
 
 
 def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -132,6 +162,8 @@ def encode_conversations(tokenizer: Any, template: str, batch: Sequence[Example]
     """Token ids and trained masks of a batch of conversations (one tokenizer call per batch)."""
     if not batch:
         return []
+    if not getattr(tokenizer, "is_fast", False):
+        return _token_prefix_masks(tokenizer, template, batch)
     if has_generation_markers(template):
         convs = [list(ex.messages) for ex in batch]
         try:
