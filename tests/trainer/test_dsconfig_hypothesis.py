@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import deepspeed.comm as ds_dist
+import deepspeed.comm.comm as ds_comm
 import pytest
 import torch.distributed as torch_dist
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -69,6 +70,8 @@ def gloo_group() -> Iterator[None]:
     )
     yield
     torch_dist.destroy_process_group()
+    # deepspeed.comm keeps its backend object: later in-process users must see no group either.
+    ds_comm.cdb = None
 
 
 requests = st.builds(
