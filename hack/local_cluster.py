@@ -806,6 +806,77 @@ def wait_nodes_ready(layout: Layout, names: list[str], timeout: float) -> None:
         time.sleep(0.5)
 
 
+GFD_SHAPE_LABELS = ("nvidia.com/gpu.product", "nvidia.com/gpu.memory", "nvidia.com/gpu.count")
+
+
+def node_fingerprint(node: dict[str, Any]) -> dict[str, Any]:
+    """What `up`'s shape decides about a node: the GFD labels and the allocatable resources."""
+    labels = node.get("metadata", {}).get("labels", {})
+    allocatable = node.get("status", {}).get("allocatable", {})
+    return {
+        "labels": {k: labels.get(k) for k in GFD_SHAPE_LABELS},
+        "allocatable": {k: allocatable.get(k) for k in ("nvidia.com/gpu", "cpu", "memory")},
+    }
+
+
+def up_nodes_file(layout: Layout) -> Path:
+    """The nodes `up` created (its shape): `up` removes those no longer asked for."""
+    return layout.state / "up-nodes.json"
+
+
+def apply_node_shape(layout: Layout, names: list[str], shape: GpuShape) -> None:
+    """Make the nodes `up` manages match the request: delete the ones an earlier `up` created that are
+    not asked for any more, recreate asked-for nodes whose shape differs, create missing ones.
+    Nodes added with `add-nodes` are kept and named, with how to remove them."""
+    record = up_nodes_file(layout)
+    owned = set(json.loads(record.read_text())) if record.exists() else set()
+    nodes = {
+        n["metadata"]["name"]: n for n in json.loads(kubectl(layout, "get", "nodes", "-o", "json"))["items"]
+    }
+    wanted = set(names)
+    stale = sorted(n for n in owned & set(nodes) if n not in wanted)
+    reshaped = sorted(
+        n
+        for n in wanted & set(nodes)
+        if node_fingerprint(nodes[n]) != node_fingerprint(node_manifest(n, shape))
+    )
+    if stale or reshaped:
+        kubectl(layout, "delete", "node", "--wait=true", *stale, *reshaped)
+        if stale:
+            log(
+                f"removed {len(stale)} node(s) an earlier `up` created, not asked for now: {', '.join(stale)}"
+            )
+        if reshaped:
+            log(f"recreated {len(reshaped)} node(s) with the requested GPU shape: {', '.join(reshaped)}")
+    record.write_text(json.dumps(sorted(names)) + "\n")
+    create_nodes(layout, names, shape)
+    others = sorted(
+        n
+        for n in nodes
+        if n not in wanted and n not in owned and NODE_LABEL in nodes[n]["metadata"].get("labels", {})
+    )
+    if others:
+        log(
+            f"kept {len(others)} node(s) `up` did not create (add-nodes): "
+            f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''} (remove with "
+            "`kubectl delete node NAME`, or start fresh with `hack/local-cluster down --purge`)"
+        )
+
+
+def report_reused_state(layout: Layout) -> None:
+    """`up` over an earlier run's etcd data brings its objects back: say so and how to start fresh."""
+    jobs = kubectl(layout, "get", "paralleltrainingjobs", "-A", "-o", "name", check=False).split()
+    pods = [
+        line
+        for line in kubectl(layout, "get", "pods", "-A", "--no-headers", check=False).splitlines()
+        if line and not line.startswith("kube-system")
+    ]
+    log(
+        f"reusing the cluster state of an earlier run in {layout.state} ({len(jobs)} ParallelTrainingJob(s), "
+        f"{len(pods)} pod(s) kept in etcd); `hack/local-cluster down --purge` then `up` starts empty"
+    )
+
+
 def next_node_names(layout: Layout, prefix: str, count: int) -> list[str]:
     taken = set(existing_nodes(layout))
     names: list[str] = []
@@ -868,6 +939,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         json.dumps({"port_base": layout.port_base, "server": layout.server, **versions()}, indent=2)
     )
     to_start = [n for n in COMPONENTS if running_pid(layout, n) is None]
+    # etcd data from an earlier run, with the control plane down: its objects come back.
+    restarting = "kube-apiserver" in to_start and (state / "etcd").is_dir()
     check_ports_free(layout, to_start)
     for name in COMPONENTS:
         pid = running_pid(layout, name)
@@ -879,8 +952,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             wait_healthy(layout, name, lambda: _proc_alive(pid, name))  # noqa: B023
     names = [f"{args.node_prefix}-{i}" for i in range(args.gpu_nodes)]
-    create_nodes(layout, names, _shape(args))
+    apply_node_shape(layout, names, _shape(args))
     wait_default_service_account(layout)
+    if restarting:
+        report_reused_state(layout)
     log(f"cluster up in {time.monotonic() - started:.1f}s: {layout.server}, {args.gpu_nodes} GPU node(s)")
     print(f"export KUBECONFIG={layout.kubeconfig}")
     return 0

@@ -39,6 +39,8 @@ from typing import Any, Final
 
 import aiohttp
 
+from shardwise.kube.retry import RetryPolicy
+
 log = logging.getLogger("node-runner")
 
 RUNNER_LABEL: Final = "shardwise.dev/local-runner"
@@ -678,8 +680,9 @@ def log_path(state_dir: Path, namespace: str, name: str, uid: str | None = None)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: str, what: str) -> None:
+    def __init__(self, status: int, body: str, what: str, headers: Mapping[str, str] | None = None) -> None:
         self.status = status
+        self.headers = dict(headers or {})  # Retry-After, for the retry policy
         try:
             self.reason = json.loads(body).get("message", body)
         except ValueError:
@@ -742,10 +745,12 @@ class Kube:
         retries: int = 5,
         timeout: float = 30,
     ) -> Any:
-        """One API call; retried on connection errors, 429 and 5xx; ApiError on other failures."""
+        """One API call; retried on connection errors, 429 and 5xx after the server's Retry-After,
+        else jittered backoff (shardwise.kube.retry, the operator's policy); ApiError otherwise."""
         assert self.session is not None
-        delay = 0.2
+        policy = RetryPolicy(attempts=retries + 1)
         for attempt in range(retries + 1):
+            headers: Mapping[str, str] | None = None
             try:
                 async with self.session.request(
                     method,
@@ -756,20 +761,20 @@ class Kube:
                     timeout=aiohttp.ClientTimeout(total=timeout),
                 ) as resp:
                     text = await resp.text()
-                    if resp.status == 429 or resp.status >= 500:
-                        raise ApiError(resp.status, text, f"{method} {path}")
                     if resp.status >= 400:
-                        raise ApiError(resp.status, text, f"{method} {path}")
+                        raise ApiError(resp.status, text, f"{method} {path}", resp.headers)
                     return json.loads(text) if text else {}
             except ApiError as err:
-                if (err.status != 429 and err.status < 500) or attempt == retries:
+                if not policy.retryable(err.status, attempt):
                     raise
+                headers = err.headers
             except (aiohttp.ClientError, TimeoutError) as err:
-                if attempt == retries:
+                if not policy.retryable(None, attempt):
                     raise
                 log.debug("%s %s failed (%s); retrying", method, path, err)
+            delay = policy.delay(attempt, headers)
+            log.debug("%s %s: retrying in %.2fs", method, path, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
         raise AssertionError("unreachable")
 
     async def get(self, path: str, **kw: Any) -> Any:

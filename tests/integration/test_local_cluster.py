@@ -225,3 +225,38 @@ def test_second_cluster_coexists_and_down_leaves_nothing_running(cluster: LocalC
     assert not other.state_dir.exists()
     # The session cluster is untouched.
     assert all(pid_alive(pid) for pid in cluster.pids().values())
+
+
+def test_up_on_an_earlier_state_applies_the_requested_shape(cluster: LocalCluster) -> None:
+    other = LocalCluster(gpu_nodes=3, gpus_per_node=4)
+    try:
+        other.start()
+        other.add_gpu_nodes(names=["extra-node-0"])
+        other.kubectl("create", "namespace", "leftover")
+        assert other._script("down").returncode == 0
+
+        # A new user's `up --gpu-nodes 1` with another GPU shape on that state dir.
+        result = other._script(
+            "up", "--gpu-nodes=1", "--gpus-per-node=2", "--gpu-product=NVIDIA-L4", "--gpu-memory-mib=23034"
+        )
+        assert result.returncode == 0, result.stderr
+        nodes = {n["metadata"]["name"]: n for n in other.kubectl_json("get", "nodes")["items"]}
+        assert set(nodes) == {"gpu-node-0", "extra-node-0"}
+        assert nodes["gpu-node-0"]["status"]["allocatable"]["nvidia.com/gpu"] == "2"
+        assert nodes["gpu-node-0"]["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+        assert "removed 2 node(s)" in result.stderr and "gpu-node-1, gpu-node-2" in result.stderr
+        assert "recreated 1 node(s) with the requested GPU shape: gpu-node-0" in result.stderr
+        # The node `up` did not create is kept, and the message says so and how to start fresh.
+        assert "kept 1 node(s) `up` did not create (add-nodes): extra-node-0" in result.stderr
+        assert "reusing the cluster state of an earlier run" in result.stderr
+        assert "down --purge" in result.stderr
+
+        # A second identical `up` changes nothing and says nothing about removing.
+        again = other._script(
+            "up", "--gpu-nodes=1", "--gpus-per-node=2", "--gpu-product=NVIDIA-L4", "--gpu-memory-mib=23034"
+        )
+        assert again.returncode == 0, again.stderr
+        assert "removed" not in again.stderr and "recreated" not in again.stderr
+        assert "reusing" not in again.stderr
+    finally:
+        other.stop()

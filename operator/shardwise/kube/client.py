@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -20,11 +19,10 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from shardwise.kube.retry import RetryPolicy
+
 log = logging.getLogger(__name__)
 
-# Statuses worth retrying: conflicts on status writes are retried by the caller's next pass,
-# not here, because a 409 on create means "already exists" and is success for us.
-RETRYABLE_STATUS: Final = frozenset({429, 500, 502, 503, 504})
 MERGE_PATCH: Final = "application/merge-patch+json"
 
 _PATHS: Final[dict[tuple[str, str], tuple[str, str]]] = {
@@ -114,8 +112,8 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        """One API call; retried with jittered exponential backoff on 429 / 5xx / timeouts / dropped
-        connections."""
+        """One API call; retried on 429 / 5xx / timeouts / dropped connections after the server's
+        Retry-After, else jittered exponential backoff (shardwise.kube.retry)."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         for attempt in range(self.attempts):
             try:
@@ -134,20 +132,24 @@ class Kube:
             except ApiException as exc:
                 status = int(exc.status or 0)
                 text = exc.body.decode() if isinstance(exc.body, bytes) else str(exc.body or "")
-                if status in RETRYABLE_STATUS and attempt + 1 < self.attempts:
-                    await self._backoff(attempt, f"{method} {path}: {status}")
+                if self.policy.retryable(status, attempt):
+                    await self._wait(attempt, f"{method} {path}: {status}", exc.headers)
                     continue
                 raise KubeError(status, str(exc.reason), text) from None
             except (TimeoutError, OSError, aiohttp.ClientError) as exc:
                 # A dropped connection (the API server restarted, a proxy reset) is transient.
-                if attempt + 1 < self.attempts:
-                    await self._backoff(attempt, f"{method} {path}: {exc!r}")
+                if self.policy.retryable(None, attempt):
+                    await self._wait(attempt, f"{method} {path}: {exc!r}", None)
                     continue
                 raise KubeError(0, type(exc).__name__, str(exc)) from None
         raise AssertionError("unreachable")
 
-    async def _backoff(self, attempt: int, what: str) -> None:
-        delay = self.base_delay * (2**attempt) * (0.5 + random.random())
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.attempts, base_delay=self.base_delay)
+
+    async def _wait(self, attempt: int, what: str, headers: Any) -> None:
+        delay = self.policy.delay(attempt, dict(headers) if headers else None)
         log.info("retrying %s in %.2fs", what, delay)
         await asyncio.sleep(delay)
 
