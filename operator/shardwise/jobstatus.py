@@ -25,6 +25,7 @@ _EVENT_TYPES: dict[str, tuple[str, str]] = {
     SUSPENDED: ("Normal", "Normal"),
     "StragglerDetected": ("Warning", "Normal"),
     "MemoryImbalanced": ("Warning", "Normal"),
+    "Replanned": ("Warning", "Normal"),
 }
 
 

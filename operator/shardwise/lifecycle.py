@@ -5,7 +5,9 @@ whatever the worker's own code, so a trainer that knows better can say so in its
 message (`/dev/termination-log`) as a line `shardwise.dev/exit-code=N`; that code then wins, and a
 line `shardwise.dev/reason=InvalidModel` (any CamelCase word) names the reason the job fails with,
 and `shardwise.dev/retryable=true|false` says whether a new attempt can help (a lost peer can be
-retried, an out-of-memory on the same layout cannot); runPolicy's exit-code lists still win.
+retried, an out-of-memory on the same layout cannot); runPolicy's exit-code lists still win. After
+an out-of-memory the trainer adds `shardwise.dev/gpu-memory-needed-bytes=N` (its measured peak
+plus the allocation that failed), the floor of the operator's re-plan (oom_replan.py).
 Defaults follow the usual batch convention: 1–127 are the program's own errors (permanent),
 128+ are signals (retryable: OOM kills, SIGTERM from a drained node, watchdog timeouts); a pod
 that failed without a container exit code (evicted, its node lost) is retryable.
@@ -24,7 +26,13 @@ Verdict = Literal["permanent", "retryable", "disruption"]
 _TRAINER_CODE: Final = re.compile(r"shardwise\.dev/exit-code=(\d{1,3})")
 _TRAINER_REASON: Final = re.compile(r"shardwise\.dev/reason=([A-Z][A-Za-z0-9]{0,63})")
 _TRAINER_RETRYABLE: Final = re.compile(r"shardwise\.dev/retryable=(true|false)")
-_TRAINER_LINES: Final = ("shardwise.dev/exit-code=", "shardwise.dev/reason=", "shardwise.dev/retryable=")
+_TRAINER_MEMORY: Final = re.compile(r"shardwise\.dev/gpu-memory-needed-bytes=(\d{1,20})")
+_TRAINER_LINES: Final = (
+    "shardwise.dev/exit-code=",
+    "shardwise.dev/reason=",
+    "shardwise.dev/retryable=",
+    "shardwise.dev/gpu-memory-needed-bytes=",
+)
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -76,6 +84,12 @@ def trainer_retryable(failure: PodFailure) -> bool | None:
     """The trainer's word on whether another attempt can help (None when it said nothing)."""
     match = _TRAINER_RETRYABLE.search(failure.message or "")
     return None if match is None else match.group(1) == "true"
+
+
+def trainer_gpu_memory_needed(failure: PodFailure) -> int | None:
+    """Bytes per GPU an out-of-memory attempt needed at least, as the trainer measured them."""
+    match = _TRAINER_MEMORY.search(failure.message or "")
+    return int(match.group(1)) if match else None
 
 
 def classify(failure: PodFailure, run_policy: dict[str, Any]) -> FailureVerdict:

@@ -9,6 +9,7 @@ from typing import Any
 from shardwise.inventory import Shape
 from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec
 from shardwise.planner import PlanInputError, PlanResult, gpu, plan
+from shardwise.planner.request import PlannerSettings
 from shardwise.planner.search import REASON_RUNTIME_PREFIX
 from shardwise.planner.units import GIB
 from shardwise.resources.layout_file import layout_document_for, status_layout
@@ -56,8 +57,15 @@ def _infeasible(result: PlanResult) -> PlanOutcome:
     return PlanOutcome(False, reason, ". ".join(parts))
 
 
-def plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = None) -> PlanOutcome:
-    """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan.
+def plan_job(
+    spec: dict[str, Any],
+    shape: Shape,
+    pins: dict[str, Any] | None = None,
+    *,
+    memory_correction: float = 1.0,
+) -> PlanOutcome:
+    """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan;
+    memory_correction (status.memoryCorrection.factor) scales the memory predictions.
 
     The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,
     when given, overrides the label, as the CLI's --gpu-memory does.
@@ -84,6 +92,7 @@ def plan_job(spec: dict[str, Any], shape: Shape, pins: dict[str, Any] | None = N
             gpus_per_node=shape.gpus_per_node,
             gpu=gpu_spec,
             node_memory_bytes=None if resources.get("nodeMemory") else shape.host_memory_bytes,
+            settings=PlannerSettings(memory_correction=memory_correction),
         )
         if pins:
             request = dataclasses.replace(request, pins=pins_from_status_layout(pins))

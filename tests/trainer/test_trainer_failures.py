@@ -85,6 +85,26 @@ def test_the_operator_follows_the_trainer_unless_the_run_policy_says_otherwise(
     assert lifecycle.trainer_reason(pod) == (reason, "rank 1: boom")
 
 
+@pytest.mark.parametrize(
+    ("text", "peak", "needed"),
+    [
+        ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.65 GiB total)", 70 * 2**30, 72 * 2**30),
+        ("CUDA out of memory. Tried to allocate 512.00 MiB", 2**30, 2**30 + 2**29),
+        ("CUDA out of memory", 2**30, 2**30),  # no allocation named: the peak alone
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", None, None),  # no GPU in use: nothing measured
+    ],
+)
+def test_an_out_of_memory_reports_what_it_needed_for_the_operators_replan(
+    text: str, peak: int | None, needed: int | None
+) -> None:
+    failure = failures.classify(torch.OutOfMemoryError(text), rank=0, gpu_peak_bytes=peak)
+    assert failure.gpu_memory_needed == needed
+    pod = PodFailure(pod="p", node="n", exit_code=1, reason="Error", message=failure.termination_message())
+    assert lifecycle.trainer_gpu_memory_needed(pod) == needed
+    told = lifecycle.trainer_reason(pod)
+    assert told is not None and told[0] == "GpuOutOfMemory" and "gpu-memory-needed" not in told[1]
+
+
 @pytest.mark.parametrize("value", ["oom", "oom@1", "disk@1:2", "oom@-1:2"])
 def test_a_malformed_fault_switch_is_bad_input(value: str) -> None:
     with pytest.raises(contract.ContractError, match=contract.ENV_TEST_FAULT):

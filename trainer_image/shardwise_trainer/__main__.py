@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return contract.EXIT_BAD_INPUT
     except Exception as exc:  # the traceback for the log, the classification for the operator
         traceback.print_exc(file=sys.stderr)
-        failure = failures.classify(exc, rank=_global_rank(), peak=failures.measured_peak())
+        failure = failures.classify(
+            exc, rank=_global_rank(), peak=failures.measured_peak(), gpu_peak_bytes=failures.gpu_peak_bytes()
+        )
         print(f"shardwise-train: {failure.reason}: {failure.message}", file=sys.stderr)
         contract.write_termination_message(failure.termination_message(), first_only=True)
         return failure.exit_code

@@ -279,6 +279,9 @@ TERMINATION_OUTPUT: Final = "shardwise.dev/output="
 #: Whether another attempt of the same layout can succeed (``true`` / ``false``); the trainer's
 #: word on its own failure, which the operator follows unless runPolicy's code lists say otherwise.
 TERMINATION_RETRYABLE: Final = "shardwise.dev/retryable="
+#: On a GPU out-of-memory: the bytes the failed attempt needed at least (the allocator's peak plus
+#: the allocation that failed), the floor of the operator's out-of-memory re-plan.
+TERMINATION_GPU_MEMORY_NEEDED: Final = "shardwise.dev/gpu-memory-needed-bytes="
 #: Reasons of exit code 2 (bad input), the job's Failed condition reason.
 REASON_INVALID_LAYOUT: Final = "InvalidLayout"
 REASON_INVALID_MODEL: Final = "InvalidModel"
@@ -305,11 +308,20 @@ class ContractError(ValueError):
         self.reason = reason
 
 
-def termination_message(exit_code: int, reason: str, message: str, *, retryable: bool | None = None) -> str:
+def termination_message(
+    exit_code: int,
+    reason: str,
+    message: str,
+    *,
+    retryable: bool | None = None,
+    gpu_memory_needed: int | None = None,
+) -> str:
     """What the trainer writes to its terminationMessagePath (kubelet cap: 4096 bytes)."""
     text = f"{TERMINATION_EXIT_CODE}{exit_code}\n{TERMINATION_REASON}{reason}\n"
     if retryable is not None:
         text += f"{TERMINATION_RETRYABLE}{'true' if retryable else 'false'}\n"
+    if gpu_memory_needed is not None:
+        text += f"{TERMINATION_GPU_MEMORY_NEEDED}{gpu_memory_needed}\n"
     text += f"{message}\n"
     return text.encode()[:4096].decode(errors="ignore")
 

@@ -28,6 +28,9 @@ _DEVICE: Final = re.compile(r"cuda error|cublas|cudnn|ecc error|uncorrectable|xi
 # A device-side assert is the program indexing out of range: retrying cannot help.
 _PROGRAM_ON_DEVICE: Final = re.compile(r"device-side assert", re.IGNORECASE)
 _MAX_MESSAGE: Final = 600
+# torch's out-of-memory message: "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; ...".
+_TRIED: Final = re.compile(r"tried to allocate (\d+(?:\.\d+)?) ?(B|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+_UNITS: Final = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,15 @@ class Failure:
     reason: str
     message: str
     retryable: bool
+    gpu_memory_needed: int | None = None  # GpuOutOfMemory on a GPU: peak + the failed allocation
 
     def termination_message(self) -> str:
         return contract.termination_message(
-            self.exit_code, self.reason, self.message, retryable=self.retryable
+            self.exit_code,
+            self.reason,
+            self.message,
+            retryable=self.retryable,
+            gpu_memory_needed=self.gpu_memory_needed,
         )
 
 
@@ -67,8 +75,17 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def classify(exc: BaseException, *, rank: int | None = None, peak: str = "") -> Failure:
-    """The failure ``exc`` stands for; ``peak`` describes the measured memory peak (for OOM)."""
+def failed_allocation(text: str) -> int:
+    """Bytes of the allocation an out-of-memory message says failed (0 when it names none)."""
+    match = _TRIED.search(text)
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match else 0
+
+
+def classify(
+    exc: BaseException, *, rank: int | None = None, peak: str = "", gpu_peak_bytes: int | None = None
+) -> Failure:
+    """The failure ``exc`` stands for; ``peak`` describes the measured memory peak (for OOM) and
+    ``gpu_peak_bytes`` is the GPU allocator's peak (None without a GPU)."""
     where = f"rank {rank}: " if rank is not None else ""
     oom = _torch_class("torch", "OutOfMemoryError")
     dist_error = _torch_class("torch.distributed", "DistError")
@@ -79,8 +96,11 @@ def classify(exc: BaseException, *, rank: int | None = None, peak: str = "") -> 
                 contract.REASON_GPU_OUT_OF_MEMORY,
                 f"{where}{_first_line(err)}{f' (measured peak {peak})' if peak else ''}; the same layout "
                 "runs out again: raise the ZeRO stage, checkpoint more activations, lower the "
-                "micro-batch or offload (spec.parallelism pins, or let the planner choose)",
+                "micro-batch or offload (the operator re-plans once with the measured peak)",
                 retryable=False,
+                gpu_memory_needed=None
+                if gpu_peak_bytes is None
+                else gpu_peak_bytes + failed_allocation(str(err)),
             )
         if isinstance(err, MemoryError):
             return Failure(
@@ -111,6 +131,14 @@ def _temporary_reason(err: BaseException, dist_error: type[BaseException] | None
         return contract.REASON_DEVICE
     if _COMMUNICATION.search(text):
         return contract.REASON_COMMUNICATION
+    return None
+
+
+def gpu_peak_bytes() -> int | None:
+    """The CUDA allocator's peak of this process, None when no GPU was in use."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated(torch.cuda.current_device()))
     return None
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shardwise import inventory, lifecycle, remediation
+from shardwise import inventory, lifecycle, oom_replan, remediation
 from shardwise.conditions import is_true, set_condition
 from shardwise.jobstatus import (
     FAILED,
@@ -425,6 +425,11 @@ class _Pass:
             if told is not None:  # the trainer named it (bad model, unsupported layout, …)
                 reason, said = told
                 where = f"{place}: {said}" if said else where
+            if reason == oom_replan.REASON_GPU_OOM:
+                if oom_replan.may_replan(self.status):
+                    oom = next(f for f in permanent if lifecycle.trainer_reason(f))
+                    return await self._oom_replan(pods, where, lifecycle.trainer_gpu_memory_needed(oom))
+                where += "; out of memory again after the one out-of-memory re-plan"
             self.finish_failed(reason, where)
             await self.commit()
             await self._delete_live(pods)
@@ -450,6 +455,37 @@ class _Pass:
             STRAGGLER_DETECTED, False, "StragglerReplaced", f"{why}; the next attempt is judged afresh"
         )
         return await self._restart(pods, "straggler", why, replan=True)
+
+    async def _oom_replan(self, pods: list[dict[str, Any]], where: str, needed: int | None) -> Stop:
+        """Out of GPU memory: plan again with the measured peak as the floor (once per job), so
+        the failed layout no longer fits; the next attempt starts on the new plan, or the job
+        fails with the planner's diagnosis when nothing fits."""
+        attempt = int(self.status.get("attempt") or 0)
+        record = oom_replan.correction_record(self.status.get("layout") or {}, needed, attempt)
+        if record is None:
+            self.finish_failed(oom_replan.REASON_GPU_OOM, where)
+            await self.commit()
+            await self._delete_live(pods)
+            return Stop(None)
+        self.status["memoryCorrection"] = record
+        outcome = self._plan()
+        if not outcome.feasible or outcome.layout_status is None:
+            message = oom_replan.infeasible_message(where, record, outcome.reason, outcome.message)
+            self.finish_failed(oom_replan.REASON_GPU_OOM, message)
+            await self.commit()
+            await self._delete_live(pods)
+            return Stop(None)
+        message = oom_replan.replan_message(where, record, outcome.layout_status)
+        self.condition(oom_replan.REPLANNED, True, oom_replan.REASON_OOM_REPLAN, message)
+        # The next attempt's pass plans again (with the correction) and writes its ConfigMap.
+        self.status.pop("layout", None)
+        self.condition(
+            PLANNED,
+            False,
+            "Replanning",
+            f"out of memory: re-planning with predictions x{record['factor']:.3f}",
+        )
+        return await self._restart(pods, "retryable", message)
 
     def _lost_nodes(self, summary: PodsSummary) -> set[str]:
         return self._lost({node_name for _, node_name in summary.nodes})
@@ -679,6 +715,7 @@ class _Pass:
         if pins:
             count, per = int(pins["nodes"]), int(pins["gpusPerNode"])
             gpus = count * per
+        correction = oom_replan.current_correction(self.status)
         try:
             shape = self._shape(count, per, gpus)
         except inventory.InventoryError as exc:
@@ -689,12 +726,12 @@ class _Pass:
                 shape = self._fewer(count, per, gpus)
             except inventory.InventoryError:
                 return PlanOutcome(False, exc.reason, exc.message)
-            outcome = plan_job(self.spec, shape, None)
+            outcome = plan_job(self.spec, shape, None, memory_correction=correction)
             if outcome.feasible:
                 lost = f"lost GPUs: re-planned for {shape.nodes}×{shape.gpus_per_node}"
                 self.events.append(Event("Warning", "Replanned", f"{lost}: {outcome.message}"))
             return outcome
-        return plan_job(self.spec, shape, pins)
+        return plan_job(self.spec, shape, pins, memory_correction=correction)
 
     def _fewer(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
         """After losing nodes: the same GPUs per node on fewer nodes, or else a smaller total."""

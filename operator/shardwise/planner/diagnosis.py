@@ -185,6 +185,11 @@ def diagnose(planner: Planner, request: PlanRequest, closest: Evaluation | None)
             f"{gib(closest.memory.total)} per GPU, {gib(max(shortfall, 0))} more than the "
             f"{gib(closest.capacity)} available"
         )
+        if request.settings.memory_correction != 1.0:
+            message += (
+                f" (the GPU's {gib(request.cluster.gpu.memory_bytes)} over the measured memory"
+                f" correction x{request.settings.memory_correction:.3f})"
+            )
         if closest.problems and shortfall <= 0:
             message = "no layout fits: " + "; ".join(closest.problems)
     else:

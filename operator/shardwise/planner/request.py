@@ -147,6 +147,14 @@ class PlannerSettings:
     # Plan only what shardwise's trainer runs (capabilities.TABLE). False plans every layout
     # DeepSpeed allows: the memory model's own tests, and what-if studies for another trainer.
     respect_runtime: bool = True
+    # Measured / predicted per-GPU peak of an earlier attempt that ran out of memory (the
+    # operator's out-of-memory re-plan): predictions are taken as this much too low, so a layout
+    # fits when predicted x correction <= GPU memory. 1.0 = trust the memory model.
+    memory_correction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.memory_correction <= 100.0:
+            raise PlanInputError(f"memory correction must be in [1, 100], got {self.memory_correction}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +175,11 @@ class PlanRequest:
         if arch is None:
             return DEFAULT_SEQUENCE_LENGTH
         return min(arch.max_sequence_length, DEFAULT_SEQUENCE_LENGTH)
+
+    @property
+    def usable_gpu_memory(self) -> int:
+        """GPU memory a layout's prediction may fill: the GPU's, divided by the memory correction."""
+        return int(self.cluster.gpu.memory_bytes / self.settings.memory_correction)
 
     @property
     def global_batch_size(self) -> int:

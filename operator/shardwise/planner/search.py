@@ -175,7 +175,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     cluster = request.cluster
     gpus = cluster.total_gpus
     gpn = cluster.gpus_per_node
-    cap = cluster.gpu.memory_bytes
+    cap = request.usable_gpu_memory
     node_memory = cluster.node_memory_bytes
     training = ctx.method != "inference"
     rejections = _Rejections()
@@ -375,7 +375,7 @@ def evaluate_with(ctx: ModelContext, layout: Layout) -> Evaluation:
     host_node = cpu_memory_per_node(host_max, cluster.gpus_per_node)
     heaviest = stage_maxima(counts)
     time = step_time(ctx, layout, heaviest, step_flops(ctx, layout.checkpointing))
-    cap = cluster.gpu.memory_bytes
+    cap = request.usable_gpu_memory
     problems = []
     worst = max(m.total for m in per_stage)
     if worst > cap:
