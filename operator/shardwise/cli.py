@@ -148,7 +148,9 @@ def _read_model(arg: str) -> ModelSpec | None:
     if not isinstance(config, dict):
         raise CliError(f"--model {arg}: expected a JSON object")
     try:
-        return ModelSpec(name=path.stem, architecture=parse_hf_config(config))
+        notes: list[str] = []
+        arch = parse_hf_config(config, notes)
+        return ModelSpec(name=path.stem, architecture=arch, notes=tuple(notes))
     except PlanInputError as exc:
         raise CliError(f"--model {arg}: {exc}") from None
 
@@ -355,10 +357,16 @@ def run_presets(args: argparse.Namespace, out: TextIO) -> int:
     out.write("model presets:\n")
     for name, preset in PRESETS.items():
         a = preset.architecture
+        moe = ""
+        if a.moe:
+            moe = (
+                f"  MoE {a.experts}x{a.expert_ffn_hidden_size} top-{a.experts_per_token}, "
+                f"{a.active_params / 1e9:.2f} B active"
+            )
         out.write(
-            f"  {name:14s} {a.total_params / 1e9:8.2f} B  L={a.layers:<4d} h={a.hidden_size:<6d} "
+            f"  {name:16s} {a.total_params / 1e9:8.2f} B  L={a.layers:<4d} h={a.hidden_size:<6d} "
             f"heads={a.heads:<4d} kv={a.kv_heads:<4d} ffn={a.ffn_hidden_size:<6d} vocab={a.vocab_size:<7d} "
-            f"{a.mlp}\n"
+            f"{a.mlp}{' MLA' if a.mla else ''}{moe}\n"
         )
     out.write("GPUs:\n")
     for g in GPUS:

@@ -100,7 +100,7 @@ def plan(request: PlanRequest) -> PlanResult:
 
 
 def _notes(request: PlanRequest) -> tuple[str, ...]:
-    notes = []
+    notes = list(request.model.notes)
     if request.model.architecture is None:
         notes.append(
             "only a parameter count is known: activations are unknown (null) and not included in "
