@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import re
@@ -94,6 +95,9 @@ def add_plan_command(subparsers: Any) -> None:
     p.add_argument("--tp", type=_positive_int, metavar="T", help="pin the tensor-parallel degree")
     p.add_argument("--pp", type=_positive_int, metavar="P", help="pin the pipeline-parallel degree")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), metavar="Z", help="pin the ZeRO stage (0-3)")
+    p.add_argument(
+        "--expert", type=_positive_int, metavar="E", help="pin the expert-parallel degree (MoE models)"
+    )
     p.add_argument("--method", choices=("full", "lora", "qlora", "freeze", "inference"))
     p.add_argument("--precision", choices=("bf16", "fp16", "bf16-pure", "fp32"))
     p.add_argument("--lora-rank", type=_positive_int, metavar="R")
@@ -182,7 +186,7 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
             training[key] = value
     spec["training"] = training
     parallelism = dict(spec.get("parallelism") or {})
-    for flag, key in (("tp", "tensor"), ("pp", "pipeline"), ("zero", "zeroStage")):
+    for flag, key in (("tp", "tensor"), ("pp", "pipeline"), ("zero", "zeroStage"), ("expert", "expert")):
         if getattr(args, flag) is not None:
             parallelism[key] = getattr(args, flag)
     spec["parallelism"] = parallelism
@@ -215,7 +219,10 @@ def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     model = _apply_flags(spec, args)
     if "model" not in spec:
         raise CliError("no model: give JOB.yaml, --model PRESET|CONFIG.json or --params N")
-    result = plan(request_from_spec(spec, model=model))
+    request = request_from_spec(spec, model=model)
+    # The CLI explores: it plans expert parallelism the trainer does not run yet, with a note.
+    settings = dataclasses.replace(request.settings, plan_expert_parallel_beyond_runtime=True)
+    result = plan(dataclasses.replace(request, settings=settings))
     if args.manifest_out:
         _write_manifest(args, spec, model)
     if args.layout_out:
@@ -275,6 +282,11 @@ def render_plan(result: PlanResult) -> str:
         if arch is not None
         else "parameter count only"
     )
+    if arch is not None and arch.moe:
+        shape += (
+            f"; MoE {arch.experts} experts top-{arch.experts_per_token}, "
+            f"{arch.active_params / 1e9:.2f} B active"
+        )
     t = r.training
     count = r.model.parameters
     size = f"{count / 1e9:.2f} B" if count >= 10**9 else f"{count / 1e6:.2f} M"

@@ -122,7 +122,7 @@ def test_json_contract_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["feasible"] is True and data["diagnosis"] is None
     assert set(data["layout"]) == {
         "tp", "pp", "dp", "zero_stage", "micro_batch", "grad_accum", "checkpointing", "sequence_parallel",
-        "offload", "nodes", "gpus_per_node",
+        "offload", "nodes", "gpus_per_node", "ep",
     }  # fmt: skip
     memory = data["memory_per_gpu"]
     for key in (

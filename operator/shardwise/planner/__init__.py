@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shardwise.planner import capabilities
 from shardwise.planner.architecture import Architecture, ModelSpec, split_layers
 from shardwise.planner.diagnosis import diagnose
 from shardwise.planner.errors import PlanInputError
@@ -76,6 +77,7 @@ def plan(request: PlanRequest) -> PlanResult:
                 f"host memory per node not given: this layout offloads {fitting[0].cpu_memory_per_node} "
                 "bytes per node to CPU memory; set resources.nodeMemory / --node-memory to check it",
             )
+        notes += _expert_note(request, fitting[0].layout)
         return PlanResult(
             request=request,
             feasible=True,
@@ -96,6 +98,19 @@ def plan(request: PlanRequest) -> PlanResult:
         diagnosis=diagnose(_search_only, request, closest),
         notes=notes,
         layouts_considered=outcome.considered,
+    )
+
+
+def _expert_note(request: PlanRequest, layout: Layout) -> tuple[str, ...]:
+    """A note when the chosen layout splits experts further than the trainer runs (CLI only:
+    admission plans with plan_expert_parallel_beyond_runtime off and refuses such a pin)."""
+    rows = capabilities.rows(request.training.method, request.training.model_source)
+    if layout.ep <= 1 or any(c.max_ep >= layout.ep for c in rows):
+        return ()
+    return (
+        f"EP{layout.ep}: shardwise's trainer does not run expert parallelism yet (capability table); "
+        "the operator refuses this layout at admission (UnsupportedByRuntime): pin --expert 1 / "
+        "spec.parallelism.expert: 1 for a layout it runs",
     )
 
 

@@ -87,9 +87,10 @@ class Pins:
     checkpointing: Checkpointing | None = None
     sequence_parallel: bool | None = None
     offload: Offload | None = None
+    expert: int | None = None  # expert-parallel degree (MoE models)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "micro_batch"):
+        for name in ("tp", "pp", "micro_batch", "expert"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PlanInputError(f"{name} must be positive, got {value}")
@@ -147,6 +148,9 @@ class PlannerSettings:
     # Plan only what shardwise's trainer runs (capabilities.TABLE). False plans every layout
     # DeepSpeed allows: the memory model's own tests, and what-if studies for another trainer.
     respect_runtime: bool = True
+    # Plan expert parallelism even though the trainer does not run it yet (`shardwise plan`: the
+    # result says so in a note; the operator keeps this off and refuses EP > 1 at admission).
+    plan_expert_parallel_beyond_runtime: bool = False
 
 
 @dataclass(frozen=True, slots=True)
