@@ -301,9 +301,16 @@ def _output_unit(arch: Architecture, seq: int, tp: int, sp: bool, e: int) -> Fra
     return act.output_activation_bytes(arch, seq, 1, tp=tp, sequence_parallel=sp, act_bytes=e)
 
 
+@lru_cache(maxsize=8192)
+def _moe_unit(arch: Architecture, seq: int, tp: int, sp: bool, *, full: bool, e: int) -> Fraction:
+    return moe.moe_layer_extra_activation_bytes(
+        arch, seq, tp=tp, sequence_parallel=sp, full_recompute=full, act_bytes=e
+    )
+
+
 def clear_caches() -> None:
     """Drop the per-layer caches (benchmarks time a cold search with it)."""
-    for cached in (_layer_unit, _working_unit, _output_unit, _stage_units):
+    for cached in (_layer_unit, _working_unit, _output_unit, _stage_units, _moe_unit):
         cached.cache_clear()
 
 
@@ -326,7 +333,7 @@ def activation_units(
         output=c.output,
         inference=ctx.method == "inference",
         moe_active=c.active_moe_layers,
-        ep=c.ep,
+        ep=min(c.ep, 2),  # only "split or not" matters here: one cache entry for every EP > 1
     )
 
 
@@ -354,10 +361,8 @@ def _stage_units(
         )
     per = active * _layer_unit(arch, seq, tp, sp, ckpt=ckpt, e=e)
     # MoE layers: the k routed experts' MLPs, routed token copies and router logits (planner/moe.py).
-    extra = moe.moe_layer_extra_activation_bytes(
-        arch, seq, tp=tp, sequence_parallel=sp, full_recompute=ckpt == "full", act_bytes=e
-    )
-    per += moe_active * extra
+    if moe_active:
+        per += moe_active * _moe_unit(arch, seq, tp, sp, full=ckpt == "full", e=e)
     if embedding and active == layers:
         per += act.embedding_activation_bytes(arch, seq, 1, tp, sp)
     fixed = Fraction(0)
@@ -369,9 +374,7 @@ def _stage_units(
         # One layer's all-to-all send / receive buffers; a recomputed MoE layer rebuilds its extra.
         fixed += moe.dispatch_buffer_bytes(arch, seq, ep=ep, act_bytes=e)
         if ckpt == "full":
-            fixed += moe.moe_layer_extra_activation_bytes(
-                arch, seq, tp=tp, sequence_parallel=sp, full_recompute=False, act_bytes=e
-            )
+            fixed += _moe_unit(arch, seq, tp, sp, full=False, e=e)
     return ActivationUnits(per, fixed)
 
 

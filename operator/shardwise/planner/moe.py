@@ -69,12 +69,21 @@ def check_expert_pin(arch: Architecture | None, ep: int) -> None:
         raise PlanInputError(f"EP={ep} does not divide the {arch.experts} routed experts")
 
 
-def expert_candidates(arch: Architecture | None, dp: int, pinned: int | None) -> list[int]:
+def expert_candidates(
+    arch: Architecture | None, dp: int, pinned: int | None, *, tp: int, gpus_per_node: int
+) -> list[int]:
+    """EP degrees the search tries: 1, the largest that keeps the all-to-all inside a node
+    (tp·ep <= GPUs per node), and the largest there is (fewest experts per rank, the most memory
+    saved). Degrees in between trade the same two things less well in this model (memory falls
+    and all-to-all time rises with ep, stepping up once it leaves the node); they are planned
+    when pinned. Three candidates instead of every divisor keep MoE searches fast."""
     if pinned is not None:
         return [pinned]
     if arch is None or not arch.moe:
         return [1]
-    return [e for e in range(1, dp + 1) if dp % e == 0 and arch.experts % e == 0]
+    valid = [e for e in range(1, dp + 1) if dp % e == 0 and arch.experts % e == 0]
+    intra = [e for e in valid if tp * e <= gpus_per_node]
+    return sorted({1, intra[-1] if intra else 1, valid[-1]})
 
 
 def moe_layer_extra_activation_bytes(

@@ -178,7 +178,10 @@ def _pp_ep_candidates(request: PlanRequest, tp: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for pp in _pp_candidates(request, tp):
         dp = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 1
-        out.extend((pp, ep) for ep in moe.expert_candidates(arch, dp, request.pins.expert))
+        eps = moe.expert_candidates(
+            arch, dp, request.pins.expert, tp=tp, gpus_per_node=request.cluster.gpus_per_node
+        )
+        out.extend((pp, ep) for ep in eps)
     return out
 
 
