@@ -100,8 +100,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['gpus']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['cpu_median_ms']:.2f} | "
-            f"{r['layout_families_considered']} | {r['chosen']} |"
+            f"| {r['model']} | {r['gpus']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['cpu_median_ms']:.2f} | {r['layout_families_considered']} | {r['chosen']} |"
         )
     (RESULTS / "planner.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
