@@ -329,10 +329,11 @@ def render_plan(result: PlanResult) -> str:
         )
     if result.alternatives:
         lines.append("next best:")
-        for i, alt in enumerate(result.alternatives, 1):
+        reasons = result.alternative_reasons or ("",) * len(result.alternatives)
+        for i, (alt, why) in enumerate(zip(result.alternatives, reasons, strict=True), 1):
             lines.append(
                 f"  {i}. {alt.layout.describe()}: {gib(alt.memory.total)} per GPU, "
-                f"{alt.step_time.total:.4g} s"
+                f"{alt.step_time.total:.4g} s" + (f" — {why}" if why else "")
             )
     if result.rejected:
         lines.append(f"rejected ({result.layouts_considered} layout families considered):")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shardwise.planner import capabilities
 from shardwise.planner.architecture import Architecture, ModelSpec, split_layers
+from shardwise.planner.choice import choose, explain
 from shardwise.planner.diagnosis import diagnose
 from shardwise.planner.errors import PlanInputError
 from shardwise.planner.gpus import GPUS, GpuSpec, find_gpu, gpu
@@ -69,7 +70,7 @@ def plan(request: PlanRequest) -> PlanResult:
     keep = request.settings.alternatives + 1
     outcome = search(ctx, keep)
     # The search works at the worst stages only; re-evaluate every stage exactly before answering.
-    fitting = [e for e in (evaluate_with(ctx, lay) for lay in outcome.ranked) if e.fits]
+    fitting = choose([e for e in (evaluate_with(ctx, lay) for lay in outcome.ranked) if e.fits])
     notes = _notes(request)
     if fitting:
         if fitting[0].layout.offload != "none" and request.cluster.node_memory_bytes is None:
@@ -83,6 +84,7 @@ def plan(request: PlanRequest) -> PlanResult:
             feasible=True,
             choice=fitting[0],
             alternatives=tuple(fitting[1:]),
+            alternative_reasons=tuple(explain(alt, fitting[0]) for alt in fitting[1:]),
             rejected=outcome.rejected,
             diagnosis=None,
             notes=notes,

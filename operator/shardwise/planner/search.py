@@ -209,6 +209,9 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     else:
         ckpts = act.CHECKPOINTING
     best: list[tuple[float, int, int, Layout]] = []  # max-heap by time via negation
+    # offload: auto offloads only when nothing fits without it (the CRD's promise): offloading
+    # layouts are ranked apart and returned only when no layout without offload fits.
+    best_offload: list[tuple[float, int, int, Layout]] = []
     closest: tuple[int, Layout] | None = None  # smallest GPU shortfall (host memory fits)
     host_closest: tuple[int, Layout] | None = None  # smallest host shortfall
     considered = 0
@@ -357,19 +360,20 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                                         if closest is None or worst - cap < closest[0]:
                                             closest = (worst - cap, layout)
                                     break
-                                if len(best) >= keep and bound_by_ckpt[ck] > -best[0][0]:
+                                heap = best if offload == "none" or pins.offload is not None else best_offload
+                                if len(heap) >= keep and bound_by_ckpt[ck] > -heap[0][0]:
                                     continue
                                 t = timing.total(micro, accum)
                                 seq_no += 1
                                 # Equal times (e.g. ZeRO-0 vs ZeRO-1 move the same bytes): less memory wins.
                                 item = (-t, -worst, -seq_no, layout)
-                                if len(best) < keep:
-                                    heapq.heappush(best, item)
-                                elif item > best[0]:
-                                    heapq.heapreplace(best, item)
+                                if len(heap) < keep:
+                                    heapq.heappush(heap, item)
+                                elif item > heap[0]:
+                                    heapq.heapreplace(heap, item)
     if closest is None:
         closest = host_closest
-    ranked = tuple(item[3] for item in sorted(best, key=lambda it: (-it[0], -it[1], -it[2])))
+    ranked = tuple(item[3] for item in sorted(best or best_offload, key=lambda it: (-it[0], -it[1], -it[2])))
     return SearchOutcome(
         ranked=ranked,
         closest=closest[1] if closest else None,
