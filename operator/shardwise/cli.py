@@ -108,7 +108,9 @@ def add_plan_command(subparsers: Any) -> None:
     )
     p.add_argument("--checkpointing", choices=("none", "selective", "full", "auto"))
     p.add_argument(
-        "--sequence-parallel", action="store_true", default=None, help="pin sequence parallelism on"
+        "--sequence-parallel",
+        choices=("on", "off", "auto"),
+        help="pin sequence parallelism on or off; auto (the default) lets the planner decide",
     )
     p.add_argument("--offload", choices=("none", "optimizer", "all", "auto"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -170,6 +172,10 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
     elif args.params is not None:
         spec["model"] = {"parameters": args.params}
     training = dict(spec.get("training") or {})
+    if args.sequence_parallel == "auto":
+        training.pop("sequenceParallel", None)
+    elif args.sequence_parallel is not None:
+        training["sequenceParallel"] = args.sequence_parallel == "on"
     for flag, key in (
         ("method", "method"),
         ("precision", "precision"),
@@ -177,7 +183,6 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
         ("global_batch", "globalBatchSize"),
         ("micro_batch", "microBatchSize"),
         ("checkpointing", "activationCheckpointing"),
-        ("sequence_parallel", "sequenceParallel"),
         ("offload", "offload"),
         ("lora_rank", "loraRank"),
     ):
@@ -192,8 +197,8 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
     spec["parallelism"] = parallelism
     resources = dict(spec.get("resources") or {})
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
-        raise CliError("give --gpus or --nodes/--gpus-per-node, not both")
-    if args.gpus is not None:
+        args.nodes, args.gpus_per_node = _nodes_for(args.gpus, args.nodes, args.gpus_per_node)
+    elif args.gpus is not None:
         for key in ("nodes", "gpusPerNode"):
             resources.pop(key, None)
         resources["gpus"] = args.gpus
@@ -212,6 +217,20 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
         resources["nodeMemory"] = args.node_memory
     spec["resources"] = resources
     return model_override
+
+
+def _nodes_for(gpus: int, nodes: int | None, per_node: int | None) -> tuple[int, int]:
+    """--gpus N with --gpus-per-node G (and/or --nodes): the node shape, when they agree."""
+    if per_node is not None:
+        if gpus % per_node:
+            raise CliError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}")
+        if nodes is not None and nodes * per_node != gpus:
+            raise CliError(f"--gpus {gpus} != --nodes {nodes} x --gpus-per-node {per_node}")
+        return gpus // per_node, per_node
+    nodes = nodes or 1
+    if gpus % nodes:
+        raise CliError(f"--gpus {gpus} is not a multiple of --nodes {nodes}")
+    return nodes, gpus // nodes
 
 
 def run_plan(args: argparse.Namespace, out: TextIO) -> int:
