@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import re
@@ -106,6 +107,9 @@ def add_plan_command(subparsers: Any) -> None:
     p.add_argument("--tp", type=_positive_int, metavar="T", help="pin the tensor-parallel degree")
     p.add_argument("--pp", type=_positive_int, metavar="P", help="pin the pipeline-parallel degree")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), metavar="Z", help="pin the ZeRO stage (0-3)")
+    p.add_argument(
+        "--expert", type=_positive_int, metavar="E", help="pin the expert-parallel degree (MoE models)"
+    )
     p.add_argument("--method", choices=("full", "lora", "qlora", "freeze", "inference"))
     p.add_argument("--precision", choices=("bf16", "fp16", "bf16-pure", "fp32"))
     p.add_argument("--lora-rank", type=_positive_int, metavar="R")
@@ -116,7 +120,9 @@ def add_plan_command(subparsers: Any) -> None:
     )
     p.add_argument("--checkpointing", choices=("none", "selective", "full", "auto"))
     p.add_argument(
-        "--sequence-parallel", action="store_true", default=None, help="pin sequence parallelism on"
+        "--sequence-parallel",
+        choices=("on", "off", "auto"),
+        help="pin sequence parallelism on or off; auto (the default) lets the planner decide",
     )
     p.add_argument("--offload", choices=("none", "optimizer", "all", "auto"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -160,7 +166,9 @@ def _read_model(arg: str) -> ModelSpec | None:
     if not isinstance(config, dict):
         raise CliError(f"--model {arg}: expected a JSON object")
     try:
-        return ModelSpec(name=path.stem, architecture=parse_hf_config(config))
+        notes: list[str] = []
+        arch = parse_hf_config(config, notes)
+        return ModelSpec(name=path.stem, architecture=arch, notes=tuple(notes))
     except PlanInputError as exc:
         raise CliError(f"--model {arg}: {exc}") from None
 
@@ -176,6 +184,10 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
     elif args.params is not None:
         spec["model"] = {"parameters": args.params}
     training = dict(spec.get("training") or {})
+    if args.sequence_parallel == "auto":
+        training.pop("sequenceParallel", None)
+    elif args.sequence_parallel is not None:
+        training["sequenceParallel"] = args.sequence_parallel == "on"
     for flag, key in (
         ("method", "method"),
         ("precision", "precision"),
@@ -183,7 +195,6 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
         ("global_batch", "globalBatchSize"),
         ("micro_batch", "microBatchSize"),
         ("checkpointing", "activationCheckpointing"),
-        ("sequence_parallel", "sequenceParallel"),
         ("offload", "offload"),
         ("lora_rank", "loraRank"),
     ):
@@ -192,14 +203,14 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
             training[key] = value
     spec["training"] = training
     parallelism = dict(spec.get("parallelism") or {})
-    for flag, key in (("tp", "tensor"), ("pp", "pipeline"), ("zero", "zeroStage")):
+    for flag, key in (("tp", "tensor"), ("pp", "pipeline"), ("zero", "zeroStage"), ("expert", "expert")):
         if getattr(args, flag) is not None:
             parallelism[key] = getattr(args, flag)
     spec["parallelism"] = parallelism
     resources = dict(spec.get("resources") or {})
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
-        raise CliError("give --gpus or --nodes/--gpus-per-node, not both")
-    if args.gpus is not None:
+        args.nodes, args.gpus_per_node = _nodes_for(args.gpus, args.nodes, args.gpus_per_node)
+    elif args.gpus is not None:
         for key in ("nodes", "gpusPerNode"):
             resources.pop(key, None)
         resources["gpus"] = args.gpus
@@ -220,12 +231,29 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> ModelSpec | 
     return model_override
 
 
+def _nodes_for(gpus: int, nodes: int | None, per_node: int | None) -> tuple[int, int]:
+    """--gpus N with --gpus-per-node G (and/or --nodes): the node shape, when they agree."""
+    if per_node is not None:
+        if gpus % per_node:
+            raise CliError(f"--gpus {gpus} is not a multiple of --gpus-per-node {per_node}")
+        if nodes is not None and nodes * per_node != gpus:
+            raise CliError(f"--gpus {gpus} != --nodes {nodes} x --gpus-per-node {per_node}")
+        return gpus // per_node, per_node
+    nodes = nodes or 1
+    if gpus % nodes:
+        raise CliError(f"--gpus {gpus} is not a multiple of --nodes {nodes}")
+    return nodes, gpus // nodes
+
+
 def run_plan(args: argparse.Namespace, out: TextIO) -> int:
     spec: dict[str, Any] = _read_manifest(args.job) if args.job else {}
     model = _apply_flags(spec, args)
     if "model" not in spec:
         raise CliError("no model: give JOB.yaml, --model PRESET|CONFIG.json or --params N")
-    result = plan(request_from_spec(spec, model=model))
+    request = request_from_spec(spec, model=model)
+    # The CLI explores: it plans expert parallelism the trainer does not run yet, with a note.
+    settings = dataclasses.replace(request.settings, plan_expert_parallel_beyond_runtime=True)
+    result = plan(dataclasses.replace(request, settings=settings))
     if args.manifest_out:
         _write_manifest(args, spec, model)
     if args.layout_out:
@@ -285,6 +313,11 @@ def render_plan(result: PlanResult) -> str:
         if arch is not None
         else "parameter count only"
     )
+    if arch is not None and arch.moe:
+        shape += (
+            f"; MoE {arch.experts} experts top-{arch.experts_per_token}, "
+            f"{arch.active_params / 1e9:.2f} B active"
+        )
     t = r.training
     count = r.model.parameters
     size = f"{count / 1e9:.2f} B" if count >= 10**9 else f"{count / 1e6:.2f} M"
@@ -327,10 +360,11 @@ def render_plan(result: PlanResult) -> str:
         )
     if result.alternatives:
         lines.append("next best:")
-        for i, alt in enumerate(result.alternatives, 1):
+        reasons = result.alternative_reasons or ("",) * len(result.alternatives)
+        for i, (alt, why) in enumerate(zip(result.alternatives, reasons, strict=True), 1):
             lines.append(
                 f"  {i}. {alt.layout.describe()}: {gib(alt.memory.total)} per GPU, "
-                f"{alt.step_time.total:.4g} s"
+                f"{alt.step_time.total:.4g} s" + (f" — {why}" if why else "")
             )
     if result.rejected:
         lines.append(f"rejected ({result.layouts_considered} layout families considered):")
@@ -367,10 +401,16 @@ def run_presets(args: argparse.Namespace, out: TextIO) -> int:
     out.write("model presets:\n")
     for name, preset in PRESETS.items():
         a = preset.architecture
+        moe = ""
+        if a.moe:
+            moe = (
+                f"  MoE {a.experts}x{a.expert_ffn_hidden_size} top-{a.experts_per_token}, "
+                f"{a.active_params / 1e9:.2f} B active"
+            )
         out.write(
-            f"  {name:14s} {a.total_params / 1e9:8.2f} B  L={a.layers:<4d} h={a.hidden_size:<6d} "
+            f"  {name:16s} {a.total_params / 1e9:8.2f} B  L={a.layers:<4d} h={a.hidden_size:<6d} "
             f"heads={a.heads:<4d} kv={a.kv_heads:<4d} ffn={a.ffn_hidden_size:<6d} vocab={a.vocab_size:<7d} "
-            f"{a.mlp}\n"
+            f"{a.mlp}{' MLA' if a.mla else ''}{moe}\n"
         )
     out.write("GPUs:\n")
     for g in GPUS:

@@ -320,6 +320,7 @@ def pins_from_status_layout(layout: Mapping[str, Any]) -> Pins:
             ),
             sequence_parallel=_bool(layout, "sequenceParallel", path),
             offload=cast(Any, _choice(layout, "offload", path, ("none", "optimizer", "all"))),
+            expert=_int(layout, "expert", path),
         )
     except SpecError:
         raise
@@ -375,7 +376,8 @@ def request_from_spec(
     if zero is not None and zero > 3:
         raise SpecError(f"{path}.zeroStage: expected 0, 1, 2 or 3, got {zero}")
     try:
-        pins = Pins(tp=tensor, pp=pipeline, zero_stage=zero, **pin_kwargs)
+        expert = _int(parallelism, "expert", path)
+        pins = Pins(tp=tensor, pp=pipeline, zero_stage=zero, expert=expert, **pin_kwargs)
         cluster = _cluster(
             _mapping(spec.get("resources"), "spec.resources"), nodes, gpus_per_node, gpu, node_memory_bytes
         )

@@ -64,6 +64,11 @@ BASE = ["plan", "--model", "llama-2-7b", "--gpus", "8", "--gpu", "H100"]
         (["plan", "--gpus", "8", "--gpu", "H100"], "no model"),
         (["plan", "--model", "llama-2-7b", "--gpu", "H100"], "the number of GPUs is required"),
         ([*BASE, "--params", "7e9"], "give --model or --params, not both"),
+        ([*BASE, "--gpus-per-node", "3"], "--gpus 8 is not a multiple of --gpus-per-node 3"),
+        ([*BASE, "--gpus-per-node", "4", "--nodes", "3"], "--gpus 8 != --nodes 3 x --gpus-per-node 4"),
+        ([*BASE, "--nodes", "3"], "--gpus 8 is not a multiple of --nodes 3"),
+        ([*BASE, "--sequence-parallel", "yes"], "argument --sequence-parallel: invalid choice: 'yes'"),
+        ([*BASE, "--expert", "2"], "needs a mixture-of-experts model"),
         (["plan", "--params", "0", "--gpus", "8", "--gpu", "H100"], "argument --params: must be positive"),
         (["plan", "/nonexistent/job.yaml"], "/nonexistent/job.yaml: cannot read"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -122,7 +127,7 @@ def test_json_contract_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["feasible"] is True and data["diagnosis"] is None
     assert set(data["layout"]) == {
         "tp", "pp", "dp", "zero_stage", "micro_batch", "grad_accum", "checkpointing", "sequence_parallel",
-        "offload", "nodes", "gpus_per_node",
+        "offload", "nodes", "gpus_per_node", "ep",
     }  # fmt: skip
     memory = data["memory_per_gpu"]
     for key in (
@@ -334,3 +339,22 @@ def test_layout_out_is_accepted_by_the_trainer_contract(
     assert code == 0
     parsed = contract.parse_layout(json.loads(out_file.read_text()))
     assert parsed.tp * parsed.pp * parsed.dp == 64
+
+
+def test_gpus_with_gpus_per_node_gives_the_node_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["plan", "--model", "llama-2-7b", "--gpus", "16", "--gpus-per-node", "4",
+                        "--gpu", "H100", "--json"], capsys)  # fmt: skip
+    assert code == 0
+    layout = json.loads(out)["layout"]
+    assert (layout["nodes"], layout["gpus_per_node"]) == (4, 4)
+
+
+@pytest.mark.parametrize(("flag", "tp_allowed"), [("on", False), ("off", True), ("auto", True)])
+def test_sequence_parallel_on_off_auto(
+    flag: str, tp_allowed: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run([*BASE, "--sequence-parallel", flag, "--tp", "1", "--json"], capsys)
+    if tp_allowed:
+        assert code == 0 and json.loads(out)["layout"]["sequence_parallel"] is False
+    else:  # pinned on with TP 1: the planner's own one-line error
+        assert code == 2 and "sequence parallelism needs TP > 1" in err

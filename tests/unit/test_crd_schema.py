@@ -240,7 +240,7 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "trainableFraction",
         "learningRate",
     }
-    assert set(get(schema, "spec.parallelism")["properties"]) == {"tensor", "pipeline", "zeroStage"}
+    assert set(get(schema, "spec.parallelism")["properties"]) == {"tensor", "pipeline", "zeroStage", "expert"}
     assert set(get(schema, "spec.resources")["properties"]) == {
         "gpus",
         "nodes",

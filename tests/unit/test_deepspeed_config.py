@@ -73,7 +73,7 @@ def test_layout_document_follows_the_contract() -> None:
     }  # fmt: skip
     assert set(doc["layout"]) == {
         "tp", "pp", "dp", "zero_stage", "micro_batch", "grad_accum", "checkpointing", "sequence_parallel",
-        "offload", "nodes", "gpus_per_node",
+        "offload", "nodes", "gpus_per_node", "ep",
     }  # fmt: skip
     lay = doc["layout"]
     assert lay["micro_batch"] * lay["grad_accum"] * lay["dp"] == doc["training"]["global_batch_size"]

@@ -144,7 +144,10 @@ def test_hf_config_gpt2_small_is_124m() -> None:
 
 @pytest.mark.parametrize(
     ("config", "message"),
-    [({"model_type": "bert"}, "not supported"), ({"model_type": "llama"}, "missing hidden_size")],
+    [
+        ({"model_type": "bert"}, "not a decoder-only language model: not supported"),
+        ({"model_type": "llama"}, "missing hidden_size"),
+    ],
 )
 def test_hf_config_errors_name_the_problem(config: dict[str, object], message: str) -> None:
     with pytest.raises(PlanInputError, match=message):

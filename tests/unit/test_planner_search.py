@@ -24,6 +24,7 @@ from shardwise.planner import (
     plan,
     preset,
 )
+from shardwise.planner.choice import NEAR_TIE
 from shardwise.planner.memory import model_context, representative_stages, stage_breakdown, stage_counts
 
 
@@ -86,7 +87,10 @@ def test_every_returned_layout_satisfies_the_constraints(
     assert result.feasible
     _check_constraints(request, result)
     times = [e.step_time.total for e in _layouts(result)]
-    assert times == sorted(times)  # ranked by step time
+    # The alternatives are ranked by step time; the choice is the fastest or a near-tie of it
+    # with less model parallelism (planner/choice.py).
+    assert times[1:] == sorted(times[1:])
+    assert times[0] <= min(times) * (1 + NEAR_TIE)
 
 
 def test_tp_never_exceeds_kv_heads() -> None:

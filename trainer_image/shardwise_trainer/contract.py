@@ -238,6 +238,7 @@ K_MICRO_BATCH: Final = "micro_batch"
 K_GRAD_ACCUM: Final = "grad_accum"
 K_CHECKPOINTING: Final = "checkpointing"
 K_SEQUENCE_PARALLEL: Final = "sequence_parallel"
+K_EP: Final = "ep"  # expert-parallel degree (MoE); absent = 1
 K_OFFLOAD: Final = "offload"
 K_NODES: Final = "nodes"
 K_GPUS_PER_NODE: Final = "gpus_per_node"
@@ -428,6 +429,7 @@ class Layout:
     lora_dropout: float = 0.0
     first_trainable_layer: int = 0
     sequence_parallel: bool = False
+    ep: int = 1
 
     @property
     def world_size(self) -> int:
@@ -575,6 +577,7 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
         lora_dropout=float(training.get(K_LORA_DROPOUT) or 0.0),
         first_trainable_layer=first_trainable,
         sequence_parallel=bool(lay.get(K_SEQUENCE_PARALLEL, False)),
+        ep=int(lay.get(K_EP) or 1),
     )
     if layout.micro_batch * layout.grad_accum * dp != layout.global_batch_size:
         raise ContractError(
@@ -602,6 +605,7 @@ def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
         sequence_parallel=layout.sequence_parallel,
         zero_stage=layout.zero_stage,
         offload=layout.offload,
+        expert=layout.ep,
     )
 
 

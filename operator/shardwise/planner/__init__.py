@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from shardwise.planner import capabilities
 from shardwise.planner.architecture import Architecture, ModelSpec, split_layers
+from shardwise.planner.choice import choose, explain
 from shardwise.planner.diagnosis import diagnose
 from shardwise.planner.errors import PlanInputError
 from shardwise.planner.gpus import GPUS, GpuSpec, find_gpu, gpu
@@ -68,7 +70,7 @@ def plan(request: PlanRequest) -> PlanResult:
     keep = request.settings.alternatives + 1
     outcome = search(ctx, keep)
     # The search works at the worst stages only; re-evaluate every stage exactly before answering.
-    fitting = [e for e in (evaluate_with(ctx, lay) for lay in outcome.ranked) if e.fits]
+    fitting = choose([e for e in (evaluate_with(ctx, lay) for lay in outcome.ranked) if e.fits])
     notes = _notes(request)
     if fitting:
         if fitting[0].layout.offload != "none" and request.cluster.node_memory_bytes is None:
@@ -76,11 +78,13 @@ def plan(request: PlanRequest) -> PlanResult:
                 f"host memory per node not given: this layout offloads {fitting[0].cpu_memory_per_node} "
                 "bytes per node to CPU memory; set resources.nodeMemory / --node-memory to check it",
             )
+        notes += _expert_note(request, fitting[0].layout)
         return PlanResult(
             request=request,
             feasible=True,
             choice=fitting[0],
             alternatives=tuple(fitting[1:]),
+            alternative_reasons=tuple(explain(alt, fitting[0]) for alt in fitting[1:]),
             rejected=outcome.rejected,
             diagnosis=None,
             notes=notes,
@@ -99,8 +103,21 @@ def plan(request: PlanRequest) -> PlanResult:
     )
 
 
+def _expert_note(request: PlanRequest, layout: Layout) -> tuple[str, ...]:
+    """A note when the chosen layout splits experts further than the trainer runs (CLI only:
+    admission plans with plan_expert_parallel_beyond_runtime off and refuses such a pin)."""
+    rows = capabilities.rows(request.training.method, request.training.model_source)
+    if layout.ep <= 1 or any(c.max_ep >= layout.ep for c in rows):
+        return ()
+    return (
+        f"EP{layout.ep}: shardwise's trainer does not run expert parallelism yet (capability table); "
+        "the operator refuses this layout at admission (UnsupportedByRuntime): pin --expert 1 / "
+        "spec.parallelism.expert: 1 for a layout it runs",
+    )
+
+
 def _notes(request: PlanRequest) -> tuple[str, ...]:
-    notes = []
+    notes = list(request.model.notes)
     if request.model.architecture is None:
         notes.append(
             "only a parameter count is known: activations are unknown (null) and not included in "

@@ -40,6 +40,29 @@ class Architecture:
     qkv_bias: bool = False
     extra_parameters: int = 0
     family: str = "custom"
+    # --- shapes beyond the Llama block (all default to "absent"; hf_config / decoder_configs set
+    # them from a config.json). An explicit head_dim (Mistral-NeMo, Gemma, Qwen3) may differ from
+    # hidden / heads, so Q and the output projection are heads x head_dim wide.
+    head_dim_explicit: int = 0
+    output_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0 = full attention)
+    sliding_window_layers: int = 0  # how many layers use it (Gemma2/3 alternate)
+    qk_norm: bool = False  # per-head RMSNorm on Q and K (Qwen3, Gemma3): 2 x head_dim weights
+    norms_per_layer: int = 2  # Gemma2/3 and GLM-4 add post-attention / post-MLP norms: 4
+    # Mixture of experts: `experts` routed experts of `expert_ffn_hidden_size` each, top-k active,
+    # shared experts (one MLP of their summed width), `dense_layers` leading dense layers.
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_ffn_hidden_size: int = 0
+    shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE: a sigmoid gate h -> 1 on the shared expert
+    dense_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V2/V3); kv_lora_rank 0 = ordinary attention.
+    q_lora_rank: int = 0  # 0 = a full-rank Q projection
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden_size", "heads", "vocab_size", "max_sequence_length"):
@@ -51,12 +74,13 @@ class Architecture:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.ffn_hidden_size == 0:
             object.__setattr__(self, "ffn_hidden_size", default_ffn(self.hidden_size, self.mlp))
-        if self.hidden_size % self.heads:
+        if not self.head_dim_explicit and not self.mla and self.hidden_size % self.heads:
             raise PlanInputError(
                 f"architecture heads={self.heads} does not divide hiddenSize={self.hidden_size}"
             )
         if self.heads % self.kv_heads:
             raise PlanInputError(f"architecture kvHeads={self.kv_heads} does not divide heads={self.heads}")
+        self._check_moe()
         if self.family not in FAMILIES:
             raise PlanInputError(
                 f"architecture family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
@@ -70,9 +94,47 @@ class Architecture:
                 f"architecture positionEmbedding must be rope or learned, got {self.position_embedding!r}"
             )
 
+    def _check_moe(self) -> None:
+        if self.experts < 0 or self.dense_layers < 0 or self.experts_per_token < 0:
+            raise PlanInputError("architecture experts, expertsPerToken and denseLayers must be >= 0")
+        if self.experts:
+            if not 1 <= self.experts_per_token <= self.experts:
+                raise PlanInputError(
+                    f"architecture expertsPerToken={self.experts_per_token} must be 1..experts={self.experts}"
+                )
+            if self.expert_ffn_hidden_size <= 0:
+                raise PlanInputError("architecture with experts needs a positive expertFfnHiddenSize")
+            if self.dense_layers >= self.layers:
+                raise PlanInputError(
+                    f"architecture denseLayers={self.dense_layers} leaves no MoE layer of {self.layers}"
+                )
+
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.heads
+        return self.head_dim_explicit or self.hidden_size // self.heads
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.moe else 0
+
+    @property
+    def q_dim(self) -> int:
+        """Width of Q (and of the attention output): heads x head_dim."""
+        if self.mla:
+            return self.heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+        return self.heads * self.head_dim
+
+    @property
+    def attention_value_dim(self) -> int:
+        return self.heads * self.v_head_dim if self.mla else self.q_dim
 
     @property
     def linear_bias(self) -> bool:
@@ -87,18 +149,42 @@ class Architecture:
     @property
     def attention_linear_params(self) -> int:
         """Q, K, V and output projection weights (+ biases); all TP-sharded (Megatron)."""
-        h, kv = self.hidden_size, self.kv_dim
-        weights = h * h + 2 * h * kv + h * h
+        h, kv, q = self.hidden_size, self.kv_dim, self.q_dim
+        if self.mla:
+            # DeepSeek MLA: Q down (+ norm) and up projections, joint KV down projection with the
+            # shared rope key (+ norm), KV up projection to nope keys and values, output.
+            r, ql, kvl = self.qk_rope_head_dim, self.q_lora_rank, self.kv_lora_rank
+            q_proj = h * ql + ql + ql * q if ql else h * q
+            kv_proj = h * (kvl + r) + kvl + kvl * self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q_proj + kv_proj + self.attention_value_dim * h
+        weights = h * q + 2 * h * kv + q * h
+        norms = 2 * self.head_dim if self.qk_norm else 0
         if self.linear_bias:
-            return weights + h + 2 * kv + h
-        return weights + (h + 2 * kv if self.qkv_bias else 0)
+            return weights + q + 2 * kv + h + norms
+        return weights + (q + 2 * kv if self.qkv_bias else 0) + (h if self.output_bias else 0) + norms
+
+    def mlp_params_of(self, f: int) -> int:
+        """One MLP of width f: gate, up (h x f) and down (f x h) for SwiGLU (+ biases)."""
+        h = self.hidden_size
+        if f == 0:
+            return 0
+        if self.mlp == "swiglu":
+            return 3 * h * f + (2 * f + h if self.linear_bias else 0)
+        return 2 * h * f + (f + h if self.linear_bias else 0)
 
     @property
     def mlp_params(self) -> int:
-        h, f = self.hidden_size, self.ffn_hidden_size
-        if self.mlp == "swiglu":  # gate, up (h x f) and down (f x h)
-            return 3 * h * f + (2 * f + h if self.linear_bias else 0)
-        return 2 * h * f + (f + h if self.linear_bias else 0)
+        return self.mlp_params_of(self.ffn_hidden_size)
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        """Routed experts of one MoE layer: the parameters expert parallelism shards."""
+        return self.experts * self.mlp_params_of(self.expert_ffn_hidden_size)
+
+    @property
+    def router_params(self) -> int:
+        """Router (h x experts) and the shared-expert gate of one MoE layer."""
+        return self.hidden_size * self.experts + (self.hidden_size if self.shared_expert_gate else 0)
 
     @property
     def norm_params(self) -> int:
@@ -106,15 +192,70 @@ class Architecture:
         return 2 * self.hidden_size if self.norm == "layernorm" else self.hidden_size
 
     @property
+    def dense_layer_params(self) -> int:
+        """One dense layer: attention + MLP + norms (GPT: 12h^2 + 13h, Narayanan eq. 2)."""
+        return self.attention_linear_params + self.mlp_params + self.norms_per_layer * self.norm_params
+
+    @property
+    def moe_layer_params(self) -> int:
+        """One MoE layer: attention, routed + shared experts, router, norms."""
+        return (
+            self.attention_linear_params
+            + self.expert_params_per_layer
+            + self.mlp_params_of(self.shared_expert_ffn_hidden_size)
+            + self.router_params
+            + self.norms_per_layer * self.norm_params
+        )
+
+    @property
     def layer_params(self) -> int:
-        """One transformer layer: attention + MLP + two norms (GPT: 12h^2 + 13h, Narayanan eq. 2)."""
-        return self.attention_linear_params + self.mlp_params + 2 * self.norm_params
+        """The typical layer: the MoE layer of a mixture-of-experts model, else the dense one."""
+        return self.moe_layer_params if self.moe else self.dense_layer_params
+
+    def is_dense_layer(self, index: int) -> bool:
+        return not self.moe or index < self.dense_layers
+
+    def layers_in(self, first: int, last: int) -> tuple[int, int]:
+        """(dense, MoE) layer counts in [first, last)."""
+        if not self.moe:
+            return last - first, 0
+        dense = max(0, min(last, self.dense_layers) - first)
+        return dense, last - first - dense
+
+    def _matmul_weights(self, f: int) -> int:
+        h = self.hidden_size
+        mlp = (3 if self.mlp == "swiglu" else 2) * h * f
+        if self.mla:
+            return self.attention_linear_params + mlp  # its norms are negligible here
+        return 2 * h * self.q_dim + 2 * h * self.kv_dim + mlp
 
     @property
     def layer_matmul_weights(self) -> int:
-        """Weights that take part in matmuls (FLOP counting: 2 FLOPs per weight per token)."""
-        h, f, kv = self.hidden_size, self.ffn_hidden_size, self.kv_dim
-        return 2 * h * h + 2 * h * kv + (3 if self.mlp == "swiglu" else 2) * h * f
+        """Matmul weights a token meets in a typical layer (2 FLOPs per weight per token): for MoE
+        the top-k routed experts, the shared experts and the router, not every expert."""
+        if not self.moe:
+            return self._matmul_weights(self.ffn_hidden_size)
+        active = self.experts_per_token * self.expert_ffn_hidden_size + self.shared_expert_ffn_hidden_size
+        return self._matmul_weights(active) + self.hidden_size * self.experts
+
+    @property
+    def dense_matmul_weights(self) -> int:
+        return self._matmul_weights(self.ffn_hidden_size)
+
+    @property
+    def matmul_weights_all_layers(self) -> int:
+        """Active matmul weights per token summed over every layer (dense and MoE)."""
+        if not self.moe:
+            return self.layers * self.layer_matmul_weights
+        return self.dense_layers * self.dense_matmul_weights + self.moe_layers * self.layer_matmul_weights
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses (top-k experts): the usual "active parameters" of an MoE."""
+        if not self.moe:
+            return self.total_params
+        idle = self.moe_layers * (self.experts - self.experts_per_token)
+        return self.total_params - idle * self.mlp_params_of(self.expert_ffn_hidden_size)
 
     @property
     def embedding_params(self) -> int:
@@ -131,8 +272,10 @@ class Architecture:
     @property
     def total_params(self) -> int:
         """Whole model, tied embeddings counted once, extra parameters (vision tower) included."""
+        dense, moe = self.layers_in(0, self.layers)
         return (
-            self.layers * self.layer_params
+            dense * self.dense_layer_params
+            + moe * self.moe_layer_params
             + self.embedding_params
             + self.output_params
             + self.extra_parameters
@@ -140,7 +283,7 @@ class Architecture:
 
     def largest_layer_params(self) -> int:
         """Largest single module ZeRO-3 gathers at once (DeepSpeed's `largest_layer_params`)."""
-        return max(self.layer_params, self.vocab_size * self.hidden_size)
+        return max(self.layer_params, self.dense_layer_params, self.vocab_size * self.hidden_size)
 
     def to_dict(self) -> dict[str, object]:
         """The layout.json "architecture" object (docs/layout-contract.md)."""
@@ -160,7 +303,51 @@ class Architecture:
             "max_sequence_length": self.max_sequence_length,
             "qkv_bias": self.qkv_bias,
             "extra_parameters": self.extra_parameters,
+            **{k: v for k, v in self._shape_extras().items() if v != _EXTRA_DEFAULTS[k]},
         }
+
+    def _shape_extras(self) -> dict[str, object]:
+        return {
+            "head_dim": self.head_dim_explicit,
+            "output_bias": self.output_bias,
+            "sliding_window": self.sliding_window,
+            "sliding_window_layers": self.sliding_window_layers,
+            "qk_norm": self.qk_norm,
+            "norms_per_layer": self.norms_per_layer,
+            "experts": self.experts,
+            "experts_per_token": self.experts_per_token,
+            "expert_ffn_hidden_size": self.expert_ffn_hidden_size,
+            "shared_expert_ffn_hidden_size": self.shared_expert_ffn_hidden_size,
+            "shared_expert_gate": self.shared_expert_gate,
+            "dense_layers": self.dense_layers,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "v_head_dim": self.v_head_dim,
+        }
+
+
+# layout.json carries the shape extras only when set, so dense Llama-style documents are unchanged.
+_EXTRA_DEFAULTS: dict[str, object] = {
+    "head_dim": 0,
+    "output_bias": False,
+    "sliding_window": 0,
+    "sliding_window_layers": 0,
+    "qk_norm": False,
+    "norms_per_layer": 2,
+    "experts": 0,
+    "experts_per_token": 0,
+    "expert_ffn_hidden_size": 0,
+    "shared_expert_ffn_hidden_size": 0,
+    "shared_expert_gate": False,
+    "dense_layers": 0,
+    "q_lora_rank": 0,
+    "kv_lora_rank": 0,
+    "qk_rope_head_dim": 0,
+    "qk_nope_head_dim": 0,
+    "v_head_dim": 0,
+}
 
 
 def default_ffn(hidden: int, mlp: Mlp) -> int:
@@ -177,6 +364,7 @@ class ModelSpec:
     name: str
     architecture: Architecture | None = None
     parameter_count: int = 0  # used only when architecture is None
+    notes: tuple[str, ...] = ()  # how the shape was read (an unknown config.json model_type)
 
     def __post_init__(self) -> None:
         if self.architecture is None and self.parameter_count <= 0:

@@ -40,6 +40,8 @@ class Capability:
     offloads: tuple[str, ...]
     #: Why the rest is not here (quoted in refusals).
     limits: str
+    #: Largest expert-parallel degree (mixture-of-experts models); 1 = experts are not sharded.
+    max_ep: int = 1
 
 
 TABLE: Final[tuple[Capability, ...]] = (
@@ -181,6 +183,7 @@ def refusal(
     sequence_parallel: bool,
     zero_stage: int,
     offload: str,
+    expert: int = 1,
 ) -> str | None:
     """None when the trainer runs this layout, else one sentence naming the limit."""
     candidates = rows(method, model)
@@ -210,6 +213,11 @@ def refusal(
             reasons.append(f"offload={offload}: {c.limits}")
         elif offload != "none" and pp > 1:
             reasons.append(f"offload={offload} with pp={pp}: {c.limits}")
+        elif expert > c.max_ep:
+            reasons.append(
+                f"expert={expert}: expert parallelism is not run yet (every rank holds all experts; "
+                "plan with expert 1)"
+            )
         else:
             return None
     return f"the trainer cannot run method {method} ({model} model) with " + "; ".join(reasons)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardwise.planner import moe
 from shardwise.planner.layout import Layout
 from shardwise.planner.memory import ModelContext, StageCounts
 
@@ -22,6 +23,7 @@ class StepTime:
     pipeline_p2p: float
     data_parallel: float
     offload: float
+    expert_all_to_all: float = 0.0
 
     @property
     def total(self) -> float:
@@ -32,6 +34,7 @@ class StepTime:
             + self.pipeline_p2p
             + self.data_parallel
             + self.offload
+            + self.expert_all_to_all
         )
 
     def to_dict(self) -> dict[str, float]:
@@ -42,6 +45,7 @@ class StepTime:
             "pipeline_p2p": self.pipeline_p2p,
             "data_parallel": self.data_parallel,
             "offload": self.offload,
+            "expert_all_to_all": self.expert_all_to_all,
             "total": self.total,
         }
 
@@ -64,8 +68,14 @@ def step_flops(ctx: ModelContext, checkpointing: str) -> float:
         layers = 0
     else:
         layers = arch.layers
-        layer_fwd = 2.0 * arch.layer_matmul_weights + 4.0 * ctx.seq * arch.hidden_size
-        attention = 4.0 * ctx.seq * arch.hidden_size
+        # QK^T and attention-over-V: 2·s·(Q width + V width) per token (4·s·h for a Llama block);
+        # a sliding-window layer attends to at most its window.
+        widths = 2.0 * (arch.q_dim + arch.attention_value_dim)
+        windowed = min(ctx.seq, arch.sliding_window) if arch.sliding_window else ctx.seq
+        attention = widths * ((layers - arch.sliding_window_layers) * ctx.seq
+                              + arch.sliding_window_layers * windowed) / layers  # fmt: skip
+        # MoE: the top-k routed experts a token meets, not every expert (active parameters).
+        layer_fwd = 2.0 * arch.matmul_weights_all_layers / layers + attention
         forward = layers * layer_fwd + 2.0 * arch.hidden_size * arch.vocab_size
     method = ctx.method
     if method == "inference":
@@ -101,6 +111,9 @@ class StageMaxima:
     layers: int
     trainable: int
     frozen_bytes: int
+    moe_layers: int = 0
+    expert_trainable: int = 0  # part of `trainable` reduced over the dp / ep expert-data-parallel group
+    ep: int = 1
 
 
 def stage_maxima(counts: tuple[StageCounts, ...]) -> StageMaxima:
@@ -108,6 +121,9 @@ def stage_maxima(counts: tuple[StageCounts, ...]) -> StageMaxima:
         layers=max(c.last_layer - c.first_layer for c in counts),
         trainable=max(c.trainable for c in counts),
         frozen_bytes=max(c.frozen_bytes for c in counts),
+        moe_layers=max(c.active_moe_layers for c in counts),
+        expert_trainable=max(c.expert_trainable for c in counts),
+        ep=counts[0].ep,
     )
 
 
@@ -126,10 +142,12 @@ class StepTimeModel:
     data_per_micro_batch: float  # x m
     offload_const: float
     offload_per_micro_batch: float  # x m
+    all_to_all: float = 0.0  # MoE token routing, constant per step like TP traffic
 
     def total(self, micro: int, accum: int) -> float:
         return (
-            self.compute
+            self.all_to_all
+            + self.compute
             + self.bubble_times_m / accum
             + self.tensor
             + self.p2p_per_sample_transfer * micro * (accum + self.pp - 2)
@@ -147,6 +165,7 @@ class StepTimeModel:
             pipeline_p2p=self.p2p_per_sample_transfer * micro * (accum + self.pp - 2),
             data_parallel=self.data_const + self.data_per_micro_batch * accum,
             offload=self.offload_const + self.offload_per_micro_batch * accum,
+            expert_all_to_all=self.all_to_all,
         )
 
 
@@ -186,12 +205,31 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
             shard = sample / (layout.tp if layout.sequence_parallel else 1)
             p2p = (2 if training else 1) * shard / bw
 
+    all_to_all = 0.0
+    if arch is not None and arch.moe and layout.ep > 1:
+        # The EP group is ep consecutive data-parallel ranks: inside a node while tp·ep fits in it.
+        bw = (
+            settings.inter_node_bandwidth
+            if layout.tp * layout.ep > gpus_per_node
+            else gpu.intra_node_bandwidth
+        )
+        passes = 1 if not training else (3 if layout.checkpointing == "full" else 2)
+        all_to_all = moe.all_to_all_seconds(
+            arch, ctx.seq, per_replica, worst.moe_layers, ep=layout.ep, passes=passes,
+            act_bytes=p.activation, bandwidth=bw,
+        )  # fmt: skip
+
     data_const = data_per_mb = 0.0
     n = layout.dp
     if training and n > 1:
         bw = settings.inter_node_bandwidth if layout.tp * n > gpus_per_node else gpu.intra_node_bandwidth
-        grads = float(worst.trainable * p.grad)
-        weights = float(worst.trainable * p.param + (worst.frozen_bytes if layout.zero_stage == 3 else 0))
+        # Expert gradients are reduced over the dp / ep ranks holding the same experts only: their
+        # bytes count with that smaller group's ring factor, (edp - 1)/edp instead of (n - 1)/n.
+        edp = max(1, n // layout.ep)
+        expert_scale = ((edp - 1) / edp) / ((n - 1) / n) if edp > 1 else 0.0
+        trainable = worst.trainable - worst.expert_trainable + expert_scale * worst.expert_trainable
+        grads = float(trainable * p.grad)
+        weights = float(trainable * p.param + (worst.frozen_bytes if layout.zero_stage == 3 else 0))
         if layout.zero_stage <= 1:
             data_const = _ring_allreduce(grads, n, bw)  # once per step, at the accumulation boundary
         elif layout.zero_stage == 2:
@@ -222,6 +260,7 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
         data_per_mb,
         offload_const,
         offload_per_mb,
+        all_to_all,
     )
 
 

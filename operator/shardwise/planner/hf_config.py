@@ -1,4 +1,4 @@
-"""Architecture from a Hugging Face config.json dict (llama, mistral, qwen2, qwen2_vl, chatglm, gpt2)."""
+"""Architecture from a Hugging Face config.json: Qwen2-VL, ChatGLM, GPT-2; other decoders: decoder_configs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shardwise.planner.architecture import Architecture
+from shardwise.planner.decoder_configs import parse_decoder
 from shardwise.planner.errors import PlanInputError
 from shardwise.planner.presets import QWEN2_VL_72B_VISION_PARAMS
 
@@ -39,10 +40,11 @@ def vision_tower_params(vision: Mapping[str, Any], lm_hidden: int) -> int:
     return channels * temporal * patch * patch * d + depth * block + merger
 
 
-def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
-    """Map a config.json dict to an Architecture; PlanInputError names what is missing."""
+def parse_hf_config(config: Mapping[str, Any], notes: list[str] | None = None) -> Architecture:
+    """Map a config.json dict to an Architecture; PlanInputError names what is missing. Notes
+    (an unknown model_type read by the common keys) are appended to `notes` when given."""
     model_type = str(config.get("model_type", "")).lower()
-    if model_type in ("llama", "mistral", "qwen2", "qwen2_vl"):
+    if model_type == "qwen2_vl":
         outer = config
         nested = config.get("text_config")
         if isinstance(nested, Mapping) and nested.get("hidden_size") is not None:
@@ -104,7 +106,6 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
             position_embedding="learned",
             max_sequence_length=_int(config, "n_positions", "n_ctx", default=1024),
         )
-    raise PlanInputError(
-        f"config.json model_type {model_type or None!r} is not supported "
-        "(llama, mistral, qwen2, qwen2_vl, chatglm, gpt2)"
-    )
+    if not model_type:
+        raise PlanInputError("config.json: missing model_type")
+    return parse_decoder(config, model_type, notes)

@@ -23,6 +23,9 @@ class Layout:
     offload: Offload
     nodes: int
     gpus_per_node: int
+    # Expert parallelism (MoE): each group of `ep` data-parallel ranks splits the routed experts;
+    # it lives inside DP (Megatron / DeepSpeed-MoE), so it adds no GPUs.
+    ep: int = 1
 
     @property
     def gpus(self) -> int:
@@ -45,6 +48,7 @@ class Layout:
             "offload": self.offload,
             "nodes": self.nodes,
             "gpus_per_node": self.gpus_per_node,
+            "ep": self.ep,
         }
 
     def describe(self) -> str:
@@ -55,4 +59,5 @@ class Layout:
             extras.append("SP")
         if self.offload != "none":
             extras.append(f"offload {self.offload}")
-        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}, " + ", ".join(extras)
+        ep = f" (EP{self.ep})" if self.ep > 1 else ""
+        return f"TP{self.tp} x PP{self.pp} x DP{self.dp}{ep}, " + ", ".join(extras)

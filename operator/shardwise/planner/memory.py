@@ -31,6 +31,7 @@ from functools import lru_cache
 from math import ceil
 
 from shardwise.planner import activations as act
+from shardwise.planner import moe
 from shardwise.planner.architecture import Architecture, split_layers
 from shardwise.planner.layout import Layout
 from shardwise.planner.methods import QLORA_BYTES_PER_PARAM, first_trainable_layer, lora_params_per_layer
@@ -85,6 +86,12 @@ class StageCounts:
     embedding: bool
     output: bool
     largest_module: int  # parameters ZeRO-3 gathers at once on this rank (largest layer / TP)
+    # Mixture of experts: the EP degree, and the routed-expert part of `trainable` / `frozen_bytes`
+    # (ZeRO partitions it over the dp / ep ranks holding the same experts).
+    ep: int = 1
+    expert_trainable: int = 0
+    expert_frozen_bytes: int = 0
+    active_moe_layers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +166,9 @@ def model_context(request: PlanRequest) -> ModelContext:
     )
 
 
-def stage_counts(ctx: ModelContext, tp: int, pp: int) -> tuple[StageCounts, ...]:
-    """Per-stage parameter counts on one TP rank, by method (full / LoRA / QLoRA / freeze / inference)."""
+def stage_counts(ctx: ModelContext, tp: int, pp: int, ep: int = 1) -> tuple[StageCounts, ...]:
+    """Per-stage parameter counts on one TP (and EP) rank, by method (full / LoRA / QLoRA / freeze /
+    inference); routed experts split by EP x TP (planner/moe.py)."""
     arch = ctx.arch
     method = ctx.method
     frozen_b = ctx.precision.frozen
@@ -182,9 +190,7 @@ def stage_counts(ctx: ModelContext, tp: int, pp: int) -> tuple[StageCounts, ...]
             )
             for i in range(pp)
         )
-    norms = 2 * arch.norm_params
-    layer = ceil_div(arch.layer_params - norms, tp) + norms  # norms replicated on TP ranks
-    layer_quantized = ceil_div(arch.layer_matmul_weights, tp)  # QLoRA: linear weights in 4-bit
+    shards = moe.layer_shards(arch, tp, ep)
     vocab_shard = ceil_div(arch.vocab_size * arch.hidden_size, tp)  # vocab-parallel (Megatron)
     embedding = vocab_shard + arch.embedding_params - arch.vocab_size * arch.hidden_size
     embedding += ceil_div(arch.extra_parameters, tp)  # vision tower: first stage, TP-sharded
@@ -192,30 +198,41 @@ def stage_counts(ctx: ModelContext, tp: int, pp: int) -> tuple[StageCounts, ...]
     # keeps a copy of it as its output layer (Megatron's convention, gradients all-reduced).
     head = vocab_shard if (not arch.tied_embeddings or pp > 1) else 0
     output = arch.norm_params + head
-    largest = max(layer, vocab_shard)
+    largest = max(shards.dense, shards.moe, vocab_shard)
     counts: list[StageCounts] = []
     for i, (first, last) in enumerate(split_layers(arch.layers, pp)):
         n = last - first
-        params = n * layer + (embedding if i == 0 else 0) + (output if i == pp - 1 else 0)
-        active = n
+        dense_n, moe_n = arch.layers_in(first, last)
+        layers = dense_n * shards.dense + moe_n * shards.moe
+        params = layers + (embedding if i == 0 else 0) + (output if i == pp - 1 else 0)
+        experts = moe_n * shards.experts
+        active, active_moe = n, moe_n
+        expert_trainable = expert_frozen = 0
         # A vision tower (extra_parameters, stage 0) stays frozen: the trainer runs text-only SFT.
         tower = ceil_div(arch.extra_parameters, tp) if i == 0 else 0
         if method == "full":
             trainable, frozen = params - tower, tower * frozen_b
+            expert_trainable = experts
         elif method == "inference":
             trainable, frozen = 0, params * frozen_b
+            expert_frozen = experts * frozen_b
         elif method in ("lora", "qlora"):
             trainable = n * ceil_div(ctx.lora_per_layer, tp)
             if method == "qlora":
-                quantized = n * layer_quantized
+                quantized = dense_n * shards.dense_quantized + moe_n * shards.moe_quantized
                 frozen = ceil(quantized * QLORA_BYTES_PER_PARAM) + (params - quantized) * frozen_b
+                expert_frozen = ceil(experts * QLORA_BYTES_PER_PARAM)
             else:
                 frozen = params * frozen_b
+                expert_frozen = experts * frozen_b
         else:  # freeze: the last layers train, the embedding, head and earlier layers do not
-            trained_layers = max(0, last - max(first, ctx.first_trainable))
-            trainable = trained_layers * layer
+            start = max(first, ctx.first_trainable)
+            trained_dense, trained_moe = arch.layers_in(start, last) if start < last else (0, 0)
+            trainable = trained_dense * shards.dense + trained_moe * shards.moe
             frozen = (params - trainable) * frozen_b
-            active = trained_layers
+            expert_trainable = trained_moe * shards.experts
+            expert_frozen = (moe_n - trained_moe) * shards.experts * frozen_b
+            active, active_moe = trained_dense + trained_moe, trained_moe
         counts.append(
             StageCounts(
                 stage=i,
@@ -228,6 +245,10 @@ def stage_counts(ctx: ModelContext, tp: int, pp: int) -> tuple[StageCounts, ...]
                 embedding=i == 0,
                 output=i == pp - 1,
                 largest_module=largest,
+                ep=ep,
+                expert_trainable=expert_trainable,
+                expert_frozen_bytes=expert_frozen,
+                active_moe_layers=active_moe,
             )
         )
     return tuple(counts)
@@ -280,9 +301,16 @@ def _output_unit(arch: Architecture, seq: int, tp: int, sp: bool, e: int) -> Fra
     return act.output_activation_bytes(arch, seq, 1, tp=tp, sequence_parallel=sp, act_bytes=e)
 
 
+@lru_cache(maxsize=8192)
+def _moe_unit(arch: Architecture, seq: int, tp: int, sp: bool, *, full: bool, e: int) -> Fraction:
+    return moe.moe_layer_extra_activation_bytes(
+        arch, seq, tp=tp, sequence_parallel=sp, full_recompute=full, act_bytes=e
+    )
+
+
 def clear_caches() -> None:
     """Drop the per-layer caches (benchmarks time a cold search with it)."""
-    for cached in (_layer_unit, _working_unit, _output_unit, _stage_units):
+    for cached in (_layer_unit, _working_unit, _output_unit, _stage_units, _moe_unit):
         cached.cache_clear()
 
 
@@ -304,6 +332,8 @@ def activation_units(
         embedding=c.embedding and ctx.first_trainable == 0,
         output=c.output,
         inference=ctx.method == "inference",
+        moe_active=c.active_moe_layers,
+        ep=min(c.ep, 2),  # only "split or not" matters here: one cache entry for every EP > 1
     )
 
 
@@ -321,6 +351,8 @@ def _stage_units(
     embedding: bool,
     output: bool,
     inference: bool,
+    moe_active: int = 0,
+    ep: int = 1,
 ) -> ActivationUnits:
     if inference:
         # Weights + KV cache (memory-model.md §5); no activations are kept for a backward pass.
@@ -328,6 +360,9 @@ def _stage_units(
             Fraction(0), Fraction(act.kv_cache_bytes(arch, layers, seq, 1, tp=tp, dtype_bytes=e))
         )
     per = active * _layer_unit(arch, seq, tp, sp, ckpt=ckpt, e=e)
+    # MoE layers: the k routed experts' MLPs, routed token copies and router logits (planner/moe.py).
+    if moe_active:
+        per += moe_active * _moe_unit(arch, seq, tp, sp, full=ckpt == "full", e=e)
     if embedding and active == layers:
         per += act.embedding_activation_bytes(arch, seq, 1, tp, sp)
     fixed = Fraction(0)
@@ -335,6 +370,11 @@ def _stage_units(
         fixed += _output_unit(arch, seq, tp, sp, e)
     if active:
         fixed += _working_unit(arch, seq, tp, sp, ckpt=ckpt, e=e)
+    if moe_active:
+        # One layer's all-to-all send / receive buffers; a recomputed MoE layer rebuilds its extra.
+        fixed += moe.dispatch_buffer_bytes(arch, seq, ep=ep, act_bytes=e)
+        if ckpt == "full":
+            fixed += _moe_unit(arch, seq, tp, sp, full=False, e=e)
     return ActivationUnits(per, fixed)
 
 
@@ -386,13 +426,24 @@ def stage_model_states(
     an fp32 gradient copy for CPU-Adam; "all" (stage 3) moves the parameter partition too."""
     p = ctx.precision
     k = optimizer_k(p, zero)
+    edp = max(1, dp // c.ep)  # expert-data-parallel ranks: those holding the same experts
     weights, grads, optimizer = zero_model_states(
-        c.trainable, dp, zero, k=k, param_bytes=p.param, grad_bytes=p.grad
+        c.trainable - c.expert_trainable, dp, zero, k=k, param_bytes=p.param, grad_bytes=p.grad
     )
-    weights += ceil_div(c.frozen_bytes, dp) if zero >= 3 else c.frozen_bytes
+    if c.expert_trainable:
+        ew, eg, eo = zero_model_states(
+            c.expert_trainable, edp, zero, k=k, param_bytes=p.param, grad_bytes=p.grad
+        )
+        weights, grads, optimizer = weights + ew, grads + eg, optimizer + eo
+    dense_frozen = c.frozen_bytes - c.expert_frozen_bytes
+    if zero >= 3:
+        weights += ceil_div(dense_frozen, dp) + ceil_div(c.expert_frozen_bytes, edp)
+    else:
+        weights += c.frozen_bytes
     host = 0
     if offload in ("optimizer", "all"):
-        host += ceil_div((p.cpu_grad + k) * c.trainable, dp)
+        host += ceil_div((p.cpu_grad + k) * (c.trainable - c.expert_trainable), dp)
+        host += ceil_div((p.cpu_grad + k) * c.expert_trainable, edp)
         optimizer = 0
         if zero >= 2:
             grads = 0

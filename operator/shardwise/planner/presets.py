@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardwise.planner.architecture import Architecture, ModelSpec
+from shardwise.planner.decoder_configs import parse_decoder
 from shardwise.planner.errors import PlanInputError
+from shardwise.planner.hf_presets import HF_CONFIGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,27 @@ def _gpt(layers: int, h: int, a: int) -> Architecture:
 QWEN2_VL_72B_VISION_PARAMS = 699_356_672
 
 _HF = "Hugging Face config.json; published count = safetensors total"
+_HF_BUILT = "Hugging Face config.json; count = the model transformers builds from it"
+# Counts of the models transformers builds from hf_presets.HF_CONFIGS (tests/trainer/
+# test_param_counts.py holds them equal); they equal the safetensors totals, except DeepSeek-V3's
+# 685 B, which adds the 14 B multi-token-prediction module transformers does not build.
+_HF_COUNTS = {
+    "llama-3.1-8b": 8_030_261_248,
+    "mistral-nemo-12b": 12_247_782_400,
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-32b": 32_762_123_264,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "qwen3-235b-a22b": 235_093_634_560,
+    "mixtral-8x7b": 46_702_792_704,
+    "mixtral-8x22b": 140_630_071_296,
+    "deepseek-v2-lite": 15_706_484_224,
+    "deepseek-v3": 671_026_404_352,
+    "gemma-2-9b": 9_241_705_984,
+    "gemma-2-27b": 27_227_128_320,
+    "phi-3-mini": 3_821_079_552,
+    "glm-4-9b": 9_399_951_360,
+}
 _NARAYANAN = "Narayanan et al. 2021 Table 1 (published count in billions, rounded)"
 
 PRESETS: dict[str, Preset] = {
@@ -132,6 +155,10 @@ PRESETS: dict[str, Preset] = {
         Preset("gpt-1t", _gpt(128, 25600, 160), 1_008_000_000_000, _NARAYANAN),
         # GPT-3 (Brown et al. 2020): a=96, h=12288, L=96, v=51200, s=2048 ("175B").
         Preset("gpt3-175b", _gpt(96, 12288, 96), 175_000_000_000, "Brown et al. 2020"),
+        *(
+            Preset(name, parse_decoder(config, str(config["model_type"])), _HF_COUNTS[name], _HF_BUILT)
+            for name, config in HF_CONFIGS.items()
+        ),
     )
 }
 

@@ -87,9 +87,10 @@ class Pins:
     checkpointing: Checkpointing | None = None
     sequence_parallel: bool | None = None
     offload: Offload | None = None
+    expert: int | None = None  # expert-parallel degree (MoE models)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "micro_batch"):
+        for name in ("tp", "pp", "micro_batch", "expert"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise PlanInputError(f"{name} must be positive, got {value}")
@@ -151,6 +152,9 @@ class PlannerSettings:
     # operator's out-of-memory re-plan): predictions are taken as this much too low, so a layout
     # fits when predicted x correction <= GPU memory. 1.0 = trust the memory model.
     memory_correction: float = 1.0
+    # Plan expert parallelism even though the trainer does not run it yet (`shardwise plan`: the
+    # result says so in a note; the operator keeps this off and refuses EP > 1 at admission).
+    plan_expert_parallel_beyond_runtime: bool = False
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.memory_correction <= 100.0:

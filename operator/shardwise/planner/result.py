@@ -119,6 +119,7 @@ class PlanResult:
     diagnosis: Diagnosis | None
     notes: tuple[str, ...]
     layouts_considered: int
+    alternative_reasons: tuple[str, ...] = ()  # one line per alternative: its cost vs the choice
 
     def to_json(self) -> dict[str, Any]:
         """The `shardwise plan --json` object (issue 2 contract). Infeasible results still carry
@@ -137,7 +138,12 @@ class PlanResult:
             "step_time_seconds": choice.step_time.total if choice else None,
             "step_time_breakdown": choice.step_time.to_dict() if choice else None,
             "problems": list(choice.problems) if choice else [],
-            "alternatives": [a.summary() for a in self.alternatives],
+            "alternatives": [
+                {**a.summary(), "why_not": why}
+                for a, why in zip(
+                    self.alternatives, self.alternative_reasons or ("",) * len(self.alternatives), strict=True
+                )
+            ],
             "rejected": [r.to_dict() for r in self.rejected],
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
             "notes": list(self.notes),

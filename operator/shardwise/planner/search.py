@@ -23,6 +23,7 @@ from math import ceil
 
 from shardwise.planner import activations as act
 from shardwise.planner import capabilities as caps
+from shardwise.planner import moe
 from shardwise.planner.architecture import Architecture
 from shardwise.planner.cost import stage_maxima, step_flops, step_time, step_time_model
 from shardwise.planner.errors import PlanInputError
@@ -95,6 +96,8 @@ def validate(request: PlanRequest) -> None:
             )
     if pins.pp is not None and arch is not None and pins.pp > arch.layers:
         raise PlanInputError(f"PP={pins.pp} exceeds the {arch.layers} layers")
+    if pins.expert is not None:
+        moe.check_expert_pin(arch, pins.expert)
     tp, pp = pins.tp or 1, pins.pp or 1
     if gpus % (tp * pp):
         raise PlanInputError(f"{gpus} GPUs are not divisible by TP x PP = {tp} x {pp}")
@@ -168,6 +171,20 @@ def _pp_candidates(request: PlanRequest, tp: int) -> list[int]:
     return [pp for pp in divisors(rest) if pp <= limit]
 
 
+def _pp_ep_candidates(request: PlanRequest, tp: int) -> list[tuple[int, int]]:
+    """(PP, EP) pairs: EP divides the data-parallel degree and the experts (planner/moe.py)."""
+    arch = request.model.architecture
+    gpus = request.cluster.total_gpus
+    out: list[tuple[int, int]] = []
+    for pp in _pp_candidates(request, tp):
+        dp = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 1
+        eps = moe.expert_candidates(
+            arch, dp, request.pins.expert, tp=tp, gpus_per_node=request.cluster.gpus_per_node
+        )
+        out.extend((pp, ep) for ep in eps)
+    return out
+
+
 def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     """Every valid layout of the request; the `keep` fastest that fit, and why the rest failed."""
     request = ctx.request
@@ -192,6 +209,9 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     else:
         ckpts = act.CHECKPOINTING
     best: list[tuple[float, int, int, Layout]] = []  # max-heap by time via negation
+    # offload: auto offloads only when nothing fits without it (the CRD's promise): offloading
+    # layouts are ranked apart and returned only when no layout without offload fits.
+    best_offload: list[tuple[float, int, int, Layout]] = []
     closest: tuple[int, Layout] | None = None  # smallest GPU shortfall (host memory fits)
     host_closest: tuple[int, Layout] | None = None  # smallest host shortfall
     considered = 0
@@ -204,6 +224,8 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     # Sequence parallelism is planned only where the trainer runs it (capabilities.TABLE).
     respect = request.settings.respect_runtime
     sp_runs = not respect or any(c.sequence_parallel for c in caps.rows(method, source))
+    # `shardwise plan` may plan EP beyond what the trainer runs (plan() notes it); admission does not.
+    ep_beyond = request.settings.plan_expert_parallel_beyond_runtime
     if pins.tp is None and arch is not None:
         excluded = [tp for tp in divisors(gpn) if tp_misfit(arch, tp) is not None]
         if excluded:
@@ -218,12 +240,16 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
             if too_deep:
                 rejections.add(REASON_PP_LAYERS, too_deep)
         sps = [pins.sequence_parallel] if pins.sequence_parallel is not None else [tp > 1 and sp_runs]
-        for pp in _pp_candidates(request, tp):
+        for pp, ep in _pp_ep_candidates(request, tp):
             if gpus % (tp * pp):
                 # A pinned PP with a TP that leaves no whole data-parallel replica.
                 rejections.add(REASON_PP_GPUS)
                 continue
             dp = gpus // (tp * pp)
+            ep_misfit = moe.ep_misfit(arch, ep, dp)
+            if ep_misfit is not None:
+                rejections.add(ep_misfit)
+                continue
             if global_batch % dp:
                 rejections.add(REASON_BATCH)
                 continue
@@ -234,7 +260,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                     rejections.add(REASON_BATCH)
                     continue
                 micros = [pins.micro_batch]
-            counts = stage_counts(ctx, tp, pp)
+            counts = stage_counts(ctx, tp, pp, ep)
             reps = representative_stages(counts)
             heaviest = stage_maxima(counts)
             if pins.zero_stage is not None:
@@ -265,7 +291,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                     for sp in sps:
                         refused = None if not respect else caps.refusal(
                             method=method, model=source, tp=tp, pp=pp, sequence_parallel=bool(sp),
-                            zero_stage=zero, offload=offload,
+                            zero_stage=zero, offload=offload, expert=1 if ep_beyond else ep,
                         )  # fmt: skip
                         if refused is None:
                             runnable_sps.append(sp)
@@ -290,7 +316,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                                 # fails, and is not a candidate for "closest" on the GPU side.
                                 example = Layout(
                                     tp, pp, dp, zero, micros[0], per_replica // micros[0], ck, bool(sp),
-                                    offload, cluster.nodes, gpn,
+                                    offload, cluster.nodes, gpn, ep,
                                 )  # fmt: skip
                                 over = host_node - (node_memory or 0)
                                 rejections.add(REASON_HOST, 1, over, example)
@@ -299,14 +325,26 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                                 continue
                             lay_units = units[(bool(sp), ck)]
                             family = Layout(
-                                tp, pp, dp, zero, 1, per_replica, ck, bool(sp), offload, cluster.nodes, gpn
+                                tp,
+                                pp,
+                                dp,
+                                zero,
+                                1,
+                                per_replica,
+                                ck,
+                                bool(sp),
+                                offload,
+                                cluster.nodes,
+                                gpn,
+                                ep,
                             )
                             timing = step_time_model(ctx, family, heaviest, flops_by_ckpt[ck])
                             for micro in micros:
                                 accum = per_replica // micro
                                 layout = Layout(
-                                    tp, pp, dp, zero, micro, accum, ck, bool(sp), offload, cluster.nodes, gpn
-                                )
+                                    tp, pp, dp, zero, micro, accum, ck, bool(sp), offload, cluster.nodes, gpn,
+                                    ep,
+                                )  # fmt: skip
                                 worst = 0
                                 for i, u in enumerate(lay_units):
                                     total = base[i]
@@ -322,19 +360,20 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                                         if closest is None or worst - cap < closest[0]:
                                             closest = (worst - cap, layout)
                                     break
-                                if len(best) >= keep and bound_by_ckpt[ck] > -best[0][0]:
+                                heap = best if offload == "none" or pins.offload is not None else best_offload
+                                if len(heap) >= keep and bound_by_ckpt[ck] > -heap[0][0]:
                                     continue
                                 t = timing.total(micro, accum)
                                 seq_no += 1
                                 # Equal times (e.g. ZeRO-0 vs ZeRO-1 move the same bytes): less memory wins.
                                 item = (-t, -worst, -seq_no, layout)
-                                if len(best) < keep:
-                                    heapq.heappush(best, item)
-                                elif item > best[0]:
-                                    heapq.heapreplace(best, item)
+                                if len(heap) < keep:
+                                    heapq.heappush(heap, item)
+                                elif item > heap[0]:
+                                    heapq.heapreplace(heap, item)
     if closest is None:
         closest = host_closest
-    ranked = tuple(item[3] for item in sorted(best, key=lambda it: (-it[0], -it[1], -it[2])))
+    ranked = tuple(item[3] for item in sorted(best or best_offload, key=lambda it: (-it[0], -it[1], -it[2])))
     return SearchOutcome(
         ranked=ranked,
         closest=closest[1] if closest else None,
@@ -365,7 +404,7 @@ def evaluate_with(ctx: ModelContext, layout: Layout) -> Evaluation:
     """Full per-stage evaluation of one layout (every stage, exact arithmetic)."""
     request = ctx.request
     cluster = request.cluster
-    counts = stage_counts(ctx, layout.tp, layout.pp)
+    counts = stage_counts(ctx, layout.tp, layout.pp, layout.ep)
     per_stage = []
     host_max = 0
     for c in counts:

@@ -100,6 +100,7 @@ def status_layout(evaluation: Evaluation) -> dict[str, Any]:
         "pipeline": layout.pp,
         "data": layout.dp,
         "zeroStage": layout.zero_stage,
+        "expert": layout.ep,
         "microBatchSize": layout.micro_batch,
         "gradientAccumulation": layout.grad_accum,
         "activationCheckpointing": layout.checkpointing,
@@ -115,5 +116,6 @@ def status_layout(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def layout_summary(layout: Layout) -> str:
-    """The compact form of the printer column, e.g. `TP2×PP4×DP8 Z1`."""
-    return f"TP{layout.tp}×PP{layout.pp}×DP{layout.dp} Z{layout.zero_stage}"
+    """The compact form of the printer column, e.g. `TP2×PP4×DP8 Z1` (`… EP4` with experts split)."""
+    ep = f" EP{layout.ep}" if layout.ep > 1 else ""
+    return f"TP{layout.tp}×PP{layout.pp}×DP{layout.dp} Z{layout.zero_stage}{ep}"
