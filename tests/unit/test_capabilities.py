@@ -9,6 +9,7 @@ run is refused at plan time with a reason naming the limit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from shardwise import lifecycle, podstate
 from shardwise.inventory import Shape
 from shardwise.planner import Cluster, Pins, PlanRequest, TrainingSettings, gpu, plan, preset
 from shardwise.planner import capabilities as operator_caps
+from shardwise.planner.errors import PlanInputError
 from shardwise.planner.methods import lora_params_per_layer
 from shardwise.planning import plan_job
 from shardwise.podstate import PodFailure
@@ -95,6 +97,51 @@ def test_every_layout_the_planner_returns_is_one_the_trainer_runs(request: PlanR
             # A LoRA / QLoRA way out plans that method instead of the request's.
             method = way.kind if way.kind in ("lora", "qlora") else None
             assert _runnable(request, way.layout, method) is None, way
+
+
+# The planner's whole option space on one small cluster: every pin value (None = planned) of
+# every knob, every method and model source, on a GPU small enough that ZeRO, offload, TP and PP
+# all come into play. Hypothesis above samples bigger clusters; this walk misses no combination.
+_WALK_PINS = list(
+    itertools.product(
+        [None, 1, 2, 4],  # tp
+        [None, 1, 2],  # pp
+        [None, False, True],  # Megatron sequence parallelism
+        [None, 0, 1, 2, 3],  # ZeRO
+        [None, "none", "optimizer", "all"],  # offload
+    )
+)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze", "inference"])
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_the_planner_option_space_walk_returns_only_table_rows(method: str, pretrained: bool) -> None:
+    cluster = Cluster(2, 4, gpu("RTX-4090"))
+    returned = 0
+    for tp, pp, sp, zero, offload in _WALK_PINS:
+        request = PlanRequest(
+            model=preset("llama-2-7b"),
+            cluster=cluster,
+            training=TrainingSettings(
+                method=method, sequence_length=1024, global_batch_size=16, pretrained=pretrained
+            ),
+            pins=Pins(tp=tp, pp=pp, sequence_parallel=sp, zero_stage=zero, offload=offload),
+        )
+        try:
+            result = plan(request)
+        except PlanInputError:
+            continue
+        layouts = [e.layout for e in (result.choice, *result.alternatives) if e is not None]
+        if result.feasible:
+            for layout in layouts:
+                assert _runnable(request, layout) is None, (request.pins, layout)
+                returned += 1
+        if result.diagnosis is not None:
+            for way in result.diagnosis.ways_out:
+                way_method = way.kind if way.kind in ("lora", "qlora") else None
+                assert _runnable(request, way.layout, way_method) is None, (request.pins, way)
+    if trainer_caps.rows(method, trainer_caps.model_source_for(method, pretrained)):
+        assert returned, f"{method} (pretrained={pretrained}): the walk planned nothing"
 
 
 @pytest.mark.parametrize(

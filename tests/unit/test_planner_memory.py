@@ -171,15 +171,23 @@ def test_1f1b_in_flight_micro_batches(stage: int, pp: int, m: int, expected: int
 
 def test_first_stage_holds_l_layers_worth_whatever_pp() -> None:
     ctx = model_context(_request("gpt3-175b", gpus=64, per_node=8, sequence_length=2048))
-    layer = act.layer_activation_bytes(GPT3, 2048, 1, tp=8, sequence_parallel=True, checkpointing="selective")
+    # The planner sums the runtime accounting (fused attention, measured norms: activations.py).
+    rt = act.RUNTIME
+    layer = act.layer_activation_bytes(
+        GPT3, 2048, 1, tp=8, sequence_parallel=True, checkpointing="selective", accounting=rt
+    )
     for pp in (1, 2, 4, 8):
         lay = Layout(8, pp, 8 // pp, 0, 1, 64, "selective", True, "none", 8, 8)
         first = evaluate(ctx.request, lay).per_stage[0]
         embedding = act.embedding_activation_bytes(GPT3, 2048, 1, 8, True) * pp
-        extras = act.output_activation_bytes(GPT3, 2048, 1, tp=8, sequence_parallel=True) if pp == 1 else 0
+        extras = (
+            act.output_activation_bytes(GPT3, 2048, 1, tp=8, sequence_parallel=True, accounting=rt)
+            if pp == 1
+            else 0
+        )
         # + the transient attention core of the one layer being recomputed (selective)
         working = act.recompute_working_set_bytes(
-            GPT3, 2048, 1, tp=8, sequence_parallel=True, checkpointing="selective"
+            GPT3, 2048, 1, tp=8, sequence_parallel=True, checkpointing="selective", accounting=rt
         )
         assert first.activations == -(-(GPT3.layers * layer + embedding + extras + working) // 1)
 

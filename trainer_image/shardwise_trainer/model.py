@@ -192,8 +192,10 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + 1e-5)).to(x.dtype) * self.weight
+        # One fp32 copy, as Hugging Face's Llama RMSNorm does: the planner counts what it keeps.
+        x32 = x.float()
+        var = x32.pow(2).mean(-1, keepdim=True)
+        return (x32 * torch.rsqrt(var + 1e-5)).to(x.dtype) * self.weight
 
 
 class ParallelLinear(nn.Module):
@@ -279,11 +281,11 @@ class Block(nn.Module):
         return F.dropout(x, DROPOUT_P, self.training) if self.drop else x
 
     def _attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.local_kv != self.local_heads:  # GQA: each kv head serves heads/kv_heads query heads
-            rep = self.local_heads // self.local_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA inside the kernel (each kv head serves heads/kv_heads query heads): k and v are kept
+        # at kv-head width for backward, not expanded to every head.
         p = DROPOUT_P if (self.drop and self.training) else 0.0
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        gqa = self.local_kv != self.local_heads
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape

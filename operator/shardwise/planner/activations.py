@@ -34,6 +34,22 @@ dropout), the same accounting term by term:
 
 Selective recompute is what FlashAttention does implicitly (the s² core is recomputed in the
 backward pass), so "selective" also stands for a FlashAttention run.
+
+Two accountings (``accounting``): ``paper`` is the above, term for term (Korthikanti's Table 2;
+the unit tests hold it to the paper). ``runtime`` is what shardwise's trainer saves, measured with
+``torch.autograd.graph.saved_tensors_hooks`` on CPU (tests/trainer/test_trainer_activations.py,
+docs/planner.md, benchmarks/results/activations.md), and is what the planner uses:
+
+* attention runs through a fused kernel (``scaled_dot_product_attention``; Hugging Face models
+  load with ``attn_implementation="sdpa"``): no s² tensor is kept; the kernel keeps q, k, v (kv
+  heads at their own width), its output (the output projection's input) and the fp32
+  log-sum-exp per head and row, 4·a·s·b;
+* RMSNorm (as Hugging Face's Llama / Qwen2 / Mistral and the built-in model compute it) upcasts
+  its input to fp32 for the statistics and keeps that copy, the 16-bit normalised output and the
+  fp32 reciprocal RMS per row: (4 + e)·sbh + 4·sb per norm; LayerNorm keeps its input and fp32
+  mean / rstd per row: e·sbh + 8·sb;
+* the 2·s·d RoPE cos / sin tables are O(s·d) and ignored (under 3 % of a layer even for the
+  64-wide test model).
 """
 
 from __future__ import annotations
@@ -46,30 +62,48 @@ from shardwise.planner.architecture import Architecture
 
 Checkpointing = Literal["none", "selective", "full"]
 CHECKPOINTING: tuple[Checkpointing, ...] = ("none", "selective", "full")
+Accounting = Literal["paper", "runtime"]
+#: The accounting the planner's memory model uses (module docstring).
+RUNTIME: Accounting = "runtime"
 
 
 @dataclass(frozen=True, slots=True)
 class LayerCoefficients:
-    """Bytes per layer = s·b·h·(replicated + split/t) + core·a·s²·b/t, before parallel choices."""
+    """Bytes per layer = s·b·h·(replicated + split/t) + (core·a·s² + stats·a·s)·b/t, before
+    parallel choices."""
 
     replicated: Fraction  # per s·b·h, kept whole on every TP rank unless sequence-parallel
     split: Fraction  # per s·b·h, split by TP
     core: Fraction  # per a·s²·b (the attention score tensors), split by TP
     layer_input: Fraction  # per s·b·h, what full recompute keeps
+    stats: Fraction = Fraction(0)  # per a·s·b (fused attention's fp32 log-sum-exp), split by TP
 
 
-def layer_coefficients(arch: Architecture, act_bytes: int = 2) -> LayerCoefficients:
+def norm_bytes(arch: Architecture, act_bytes: int, accounting: Accounting) -> Fraction:
+    """What one norm keeps for backward, per s·b·h (module docstring)."""
+    e = Fraction(act_bytes)
+    if accounting == "paper":
+        return e
+    per_row = Fraction(4 if arch.norm == "rmsnorm" else 8, arch.hidden_size)
+    return (4 + e if arch.norm == "rmsnorm" else e) + per_row
+
+
+def layer_coefficients(
+    arch: Architecture, act_bytes: int = 2, accounting: Accounting = "paper"
+) -> LayerCoefficients:
     """The coefficients of the module docstring for this block and activation dtype size."""
     e = Fraction(act_bytes)
     mask = Fraction(1 if arch.dropout else 0)  # dropout masks are 1 byte per element
     kv_ratio = Fraction(arch.kv_heads, arch.heads)
     f_ratio = Fraction(arch.ffn_hidden_size, arch.hidden_size)
-    # Two norm inputs, the QKV input and the MLP input, the two output dropout masks.
-    replicated = 4 * e + 2 * mask
+    # Two norms, the QKV input and the MLP input, the two output dropout masks.
+    replicated = 2 * norm_bytes(arch, act_bytes, accounting) + 2 * e + 2 * mask
     # Q, K, V, output projection input.
     attention_split = e * (2 + 2 * kv_ratio)
     # GeLU: its input and output (each f wide); SwiGLU: gate, SiLU output, up, product.
     mlp_split = (2 if arch.mlp == "gelu" else 4) * e * f_ratio
+    if accounting == "runtime":  # fused attention: no s² tensor, an fp32 log-sum-exp per row
+        return LayerCoefficients(replicated, attention_split + mlp_split, Fraction(0), e, Fraction(4))
     # Softmax output, plus (with dropout) its mask and the dropout output.
     core = e + mask + e * mask
     return LayerCoefficients(replicated, attention_split + mlp_split, core, e)
@@ -84,9 +118,10 @@ def layer_activation_bytes(
     sequence_parallel: bool = False,
     checkpointing: Checkpointing = "none",
     act_bytes: int = 2,
+    accounting: Accounting = "paper",
 ) -> Fraction:
     """Bytes one transformer layer keeps for backward (Korthikanti 2022 Table 2 for GPT blocks)."""
-    c = layer_coefficients(arch, act_bytes)
+    c = layer_coefficients(arch, act_bytes, accounting)
     sbh = Fraction(seq * micro_batch * arch.hidden_size)
     if checkpointing == "full":
         # Only the layer input (Table 2, last row); sequence-parallel runs keep it sequence-sharded.
@@ -94,7 +129,7 @@ def layer_activation_bytes(
     replicated = c.replicated / tp if sequence_parallel else c.replicated
     total = sbh * (replicated + c.split / tp)
     if checkpointing == "none":
-        total += c.core * arch.heads * seq * seq * micro_batch / tp
+        total += (c.core * seq + c.stats) * arch.heads * seq * micro_batch / tp
     return total
 
 
@@ -107,6 +142,7 @@ def recompute_working_set_bytes(
     sequence_parallel: bool,
     checkpointing: Checkpointing,
     act_bytes: int = 2,
+    accounting: Accounting = "paper",
 ) -> Fraction:
     """Transient memory of recomputation: with full recompute one layer's activations are rebuilt
     in the backward pass (one layer of "none"); with selective, one layer's attention core.
@@ -115,10 +151,11 @@ def recompute_working_set_bytes(
         return Fraction(0)
     if checkpointing == "full":
         return layer_activation_bytes(
-            arch, seq, micro_batch, tp=tp, sequence_parallel=sequence_parallel, act_bytes=act_bytes
-        )
-    c = layer_coefficients(arch, act_bytes)
-    return c.core * arch.heads * seq * seq * micro_batch / tp
+            arch, seq, micro_batch, tp=tp, sequence_parallel=sequence_parallel, act_bytes=act_bytes,
+            accounting=accounting,
+        )  # fmt: skip
+    c = layer_coefficients(arch, act_bytes, accounting)
+    return (c.core * seq + c.stats) * arch.heads * seq * micro_batch / tp
 
 
 def embedding_activation_bytes(
@@ -131,13 +168,21 @@ def embedding_activation_bytes(
 
 
 def output_activation_bytes(
-    arch: Architecture, seq: int, micro_batch: int, *, tp: int, sequence_parallel: bool, act_bytes: int = 2
+    arch: Architecture,
+    seq: int,
+    micro_batch: int,
+    *,
+    tp: int,
+    sequence_parallel: bool,
+    act_bytes: int = 2,
+    accounting: Accounting = "paper",
 ) -> Fraction:
-    """Last stage: final-norm input and output-layer input (e·sbh each, /t with sequence
-    parallelism) plus the fp32 logits of the vocabulary-parallel cross entropy, 4·s·b·v/t
-    (Korthikanti eq. 4: 4sbh/t·(1 + v/h) with SP)."""
+    """Last stage: final norm and output-layer input (e·sbh each under the paper's accounting,
+    /t with sequence parallelism) plus the fp32 logits of the vocabulary-parallel cross entropy,
+    4·s·b·v/t (Korthikanti eq. 4: 4sbh/t·(1 + v/h) with SP)."""
     sbh = Fraction(seq * micro_batch * arch.hidden_size)
-    inputs = 2 * act_bytes * sbh / (tp if sequence_parallel else 1)
+    per_sbh = norm_bytes(arch, act_bytes, accounting) + act_bytes
+    inputs = per_sbh * sbh / (tp if sequence_parallel else 1)
     return inputs + Fraction(4 * seq * micro_batch * arch.vocab_size, tp)
 
 

@@ -283,7 +283,7 @@ def _layer_unit(
     arch: Architecture, seq: int, tp: int, sp: bool, *, ckpt: act.Checkpointing, e: int
 ) -> Fraction:
     return act.layer_activation_bytes(
-        arch, seq, 1, tp=tp, sequence_parallel=sp, checkpointing=ckpt, act_bytes=e
+        arch, seq, 1, tp=tp, sequence_parallel=sp, checkpointing=ckpt, act_bytes=e, accounting=act.RUNTIME
     )
 
 
@@ -292,13 +292,15 @@ def _working_unit(
     arch: Architecture, seq: int, tp: int, sp: bool, *, ckpt: act.Checkpointing, e: int
 ) -> Fraction:
     return act.recompute_working_set_bytes(
-        arch, seq, 1, tp=tp, sequence_parallel=sp, checkpointing=ckpt, act_bytes=e
+        arch, seq, 1, tp=tp, sequence_parallel=sp, checkpointing=ckpt, act_bytes=e, accounting=act.RUNTIME
     )
 
 
 @lru_cache(maxsize=8192)
 def _output_unit(arch: Architecture, seq: int, tp: int, sp: bool, e: int) -> Fraction:
-    return act.output_activation_bytes(arch, seq, 1, tp=tp, sequence_parallel=sp, act_bytes=e)
+    return act.output_activation_bytes(
+        arch, seq, 1, tp=tp, sequence_parallel=sp, act_bytes=e, accounting=act.RUNTIME
+    )
 
 
 @lru_cache(maxsize=8192)

@@ -11,8 +11,10 @@ Speed: model states depend on (TP, PP, ZeRO, offload) only and activations are l
 micro-batch for a fixed number of in-flight micro-batches, so both are computed once per
 combination and only at the few stages that can be the worst (memory.representative_stages).
 Memory is monotone in the micro-batch, so the micro-batch loop stops at the first misfit.
-Sequence parallelism is always on when TP > 1 unless pinned off: in this model it moves the
-same bytes as plain TP and strictly lowers activation memory, so the off variant is dominated.
+Megatron sequence parallelism is planned only where the trainer runs it (a capability-table row
+with ``sequence_parallel``); there it is on whenever TP > 1 unless pinned off (it moves the same
+bytes as plain TP and strictly lowers activation memory, so the off variant is dominated).
+Everywhere else the plan counts the activations TP replicates on every rank.
 """
 
 from __future__ import annotations
