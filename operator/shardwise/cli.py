@@ -19,6 +19,7 @@ from shardwise.jobspec import SpecError, architecture_spec, request_from_spec, s
 from shardwise.metrics.limits import DEFAULT_STATS_MAX_BYTES
 from shardwise.metrics.progress import DEFAULT_PROGRESS_INTERVAL_SECONDS
 from shardwise.planner import GPUS, PRESETS, ModelSpec, PlanInputError, PlanResult, parse_hf_config, plan
+from shardwise.planner.overlap import matmul_efficiency
 from shardwise.planner.units import GIB, gib, parse_count, parse_size
 from shardwise.resources.layout_file import layout_document_for
 from shardwise.status_command import add_status_command
@@ -356,7 +357,15 @@ def render_plan(result: PlanResult) -> str:
         lines.append(
             f"step time  {st.total:.4g} s (compute {st.compute:.4g}, bubble {st.pipeline_bubble:.4g}, "
             f"TP {st.tensor_parallel:.4g}, PP {st.pipeline_p2p:.4g}, DP {st.data_parallel:.4g}, "
-            f"offload {st.offload:.4g}; MFU {r.settings.mfu:.0%}, no overlap assumed)"
+            f"offload {st.offload:.4g}"
+            + (f", expert all-to-all {st.expert_all_to_all:.4g}" if st.expert_all_to_all else "")
+            + ")"
+        )
+        lines.append(
+            f"  assumes matmuls at {matmul_efficiency(arch, r.settings):.0%} of peak, DP / ZeRO traffic "
+            "bucketed behind the backward (ZeRO-3 prefetch behind compute), TP / PP traffic and the "
+            f"bubble exposed, {r.settings.inter_node_bandwidth / 1e9:.4g} GB/s per GPU between nodes "
+            "(docs/planner.md)"
         )
     if result.alternatives:
         lines.append("next best:")

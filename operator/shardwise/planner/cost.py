@@ -1,7 +1,9 @@
-"""Explained step-time estimate: compute at a stated MFU, TP / PP / DP traffic, bubble, offload.
+"""Explained step-time estimate: compute at a size-dependent fraction of peak, TP / PP / DP traffic,
+bubble, offload, expert all-to-all.
 
-Every term is reported separately; they are summed with no overlap assumed (a conservative,
-ranking-oriented estimate: it orders layouts, it does not promise wall-clock time).
+Every term is reported separately, as exposed: DP / ZeRO traffic only beyond the compute that
+hides it (planner/overlap.py), TP / PP traffic and the bubble in full. It orders layouts and is
+calibrated against published runs (docs/planner.md); it does not promise wall-clock time.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from shardwise.planner import moe
 from shardwise.planner.layout import Layout
 from shardwise.planner.memory import ModelContext, StageCounts
+from shardwise.planner.overlap import DataParallelTraffic, matmul_efficiency
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +141,8 @@ class StepTimeModel:
     tensor: float  # m·b is constant, so TP traffic per step is too
     p2p_per_sample_transfer: float  # x b·(m + p - 2)
     pp: int
-    data_const: float
-    data_per_micro_batch: float  # x m
+    data: DataParallelTraffic  # exposed part depends on m (overlap.py)
+    backward_fraction: float  # share of compute that is backward (what hides gradient reduction)
     offload_const: float
     offload_per_micro_batch: float  # x m
     all_to_all: float = 0.0  # MoE token routing, constant per step like TP traffic
@@ -151,8 +154,7 @@ class StepTimeModel:
             + self.bubble_times_m / accum
             + self.tensor
             + self.p2p_per_sample_transfer * micro * (accum + self.pp - 2)
-            + self.data_const
-            + self.data_per_micro_batch * accum
+            + self.data.exposed(self.compute, self.backward_fraction, accum)
             + self.offload_const
             + self.offload_per_micro_batch * accum
         )
@@ -163,7 +165,7 @@ class StepTimeModel:
             pipeline_bubble=self.bubble_times_m / accum,
             tensor_parallel=self.tensor,
             pipeline_p2p=self.p2p_per_sample_transfer * micro * (accum + self.pp - 2),
-            data_parallel=self.data_const + self.data_per_micro_batch * accum,
+            data_parallel=self.data.exposed(self.compute, self.backward_fraction, accum),
             offload=self.offload_const + self.offload_per_micro_batch * accum,
             expert_all_to_all=self.all_to_all,
         )
@@ -180,7 +182,15 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
     training = ctx.method != "inference"
     gpus_per_node = request.cluster.gpus_per_node
     per_replica = ctx.global_batch // layout.dp  # = micro-batch x accumulation
-    compute = flops / (layout.gpus * gpu.peak_flops * settings.mfu)
+    compute = flops / (layout.gpus * gpu.peak_flops * matmul_efficiency(arch, settings))
+    # Backward share of the compute: 2 of 3 forward-equivalents, 3 of 4 with full recompute
+    # (the recomputed forward runs inside the backward); LoRA's backward skips weight gradients.
+    if not training:
+        backward_fraction = 0.0
+    elif ctx.method in ("lora", "qlora"):
+        backward_fraction = 2 / 3 if layout.checkpointing == "full" else 1 / 2
+    else:
+        backward_fraction = 3 / 4 if layout.checkpointing == "full" else 2 / 3
     # 1F1B bubble: (p - 1)/m of the ideal time (Narayanan et al. 2021 §2.2.1).
     bubble_times_m = compute * (layout.pp - 1)
 
@@ -200,7 +210,9 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
         if layout.pp > 1:
             # Activations (and their gradients) cross each stage boundary; on the critical path
             # m + p - 2 transfers of one micro-batch.
-            crosses = layout.tp * layout.dp >= gpus_per_node
+            # 1F1B runs at the pace of its slowest link: once the pipeline spans nodes, some
+            # stage boundary is an inter-node hop (every one when a stage fills a node).
+            crosses = layout.gpus > gpus_per_node
             bw = settings.inter_node_bandwidth if crosses else gpu.intra_node_bandwidth
             shard = sample / (layout.tp if layout.sequence_parallel else 1)
             p2p = (2 if training else 1) * shard / bw
@@ -219,7 +231,7 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
             act_bytes=p.activation, bandwidth=bw,
         )  # fmt: skip
 
-    data_const = data_per_mb = 0.0
+    data_const = data_per_mb = data_after = bucket = 0.0
     n = layout.dp
     if training and n > 1:
         bw = settings.inter_node_bandwidth if layout.tp * n > gpus_per_node else gpu.intra_node_bandwidth
@@ -232,14 +244,17 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
         weights = float(trainable * p.param + (worst.frozen_bytes if layout.zero_stage == 3 else 0))
         if layout.zero_stage <= 1:
             data_const = _ring_allreduce(grads, n, bw)  # once per step, at the accumulation boundary
+            bucket = _ring_allreduce(min(grads, settings.reduce_bucket_elements * p.grad), n, bw)
         elif layout.zero_stage == 2:
             # Reduce-scatter every micro-batch, all-gather the updated weights once.
             data_per_mb = _ring_gather(grads, n, bw)
-            data_const = _ring_gather(weights, n, bw)
+            data_after = _ring_gather(weights, n, bw)
+            bucket = _ring_gather(min(grads, settings.reduce_bucket_elements * p.grad), n, bw)
         else:
             # ZeRO-3: gather weights for forward and backward and reduce-scatter gradients, every
             # micro-batch (1.5x plain DP per micro-batch, ZeRO paper §7.2.2).
             data_per_mb = 2 * _ring_gather(weights, n, bw) + _ring_gather(grads, n, bw)
+            bucket = _ring_gather(min(weights, settings.prefetch_bucket_elements * p.param), n, bw)
 
     offload_const = offload_per_mb = 0.0
     if layout.offload != "none" and training:
@@ -256,8 +271,8 @@ def step_time_model(ctx: ModelContext, layout: Layout, worst: StageMaxima, flops
         tensor,
         p2p,
         layout.pp,
-        data_const,
-        data_per_mb,
+        DataParallelTraffic(data_const, data_after, data_per_mb, bucket, layout.zero_stage == 3),
+        backward_fraction,
         offload_const,
         offload_per_mb,
         all_to_all,

@@ -128,8 +128,11 @@ class Cluster:
 class PlannerSettings:
     """Every assumption the estimates rest on, stated and overridable (no hidden fudge factors)."""
 
-    # Step time: model FLOPs utilisation applied to the GPU's peak dense 16-bit FLOP/s.
-    mfu: float = 0.4
+    # Step time: fraction of the GPU's peak dense 16-bit FLOP/s large matmuls reach, and the hidden
+    # size at which they reach half of it (planner/overlap.py; fitted to Megatron-LM's A100 runs,
+    # tests/unit/test_planner_calibration.py).
+    mfu: float = 0.61
+    matmul_half_size: float = 800.0
     # Inter-node bandwidth per GPU, bytes/s, one direction (default one 100 Gb/s NIC per GPU).
     inter_node_bandwidth: float = 100e9 / 8
     # DeepSpeed CPU-Adam throughput per node when the optimizer is offloaded (parameters/s).
