@@ -648,6 +648,8 @@ def test_defaults_are_applied(cluster: LocalCluster, ns: str) -> None:
         "scrapeIntervalSeconds": 15,
         "stragglerThreshold": 0.2,
         "stragglerSignal": "Compute",
+        "stragglerPolicy": "Report",
+        "maxStragglerReplacements": 1,
         "stragglerWindows": 3,
         "stragglerStageThreshold": 0.5,
         "memoryImbalanceThreshold": 0.1,

@@ -8,6 +8,7 @@ terminated container whose termination message is what the trainer writes (its c
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -160,7 +161,8 @@ def test_an_out_of_memory_with_no_layout_left_fails_with_the_planners_diagnosis(
     failed = condition(job, "Failed")
     assert failed is not None and failed["reason"] == "GpuOutOfMemory"
     assert "nothing fits (InsufficientGpuMemory)" in failed["message"]
-    assert "over the measured memory correction x60." in failed["message"]
+    # measured / predicted: 60 GPUs' worth over a prediction a little under one GPU
+    assert re.search(r"over the measured memory correction x6\d(\.\d+)?\)", failed["message"])
     assert job["status"].get("restarts", 0) == 0
 
 
