@@ -123,6 +123,7 @@ _CAMEL = {
     "dropout": "dropout",
     "position_embedding": "positionEmbedding",
     "max_sequence_length": "maxSequenceLength",
+    "family": "family",
 }
 
 

@@ -164,10 +164,18 @@ def test_config_mismatch_exits_2(
     assert hf_field in proc.stderr
 
 
-def test_tp_layout_with_hf_model_exits_2(hf_model_dir: Path, hf_layouts: dict[str, Path]) -> None:
-    proc = _trainer(hf_layouts["tp2"], hf_model_dir)
+def test_tp_layout_with_hf_model_of_an_unmapped_family_exits_2(
+    hf_model_dir: Path, hf_layouts: dict[str, Path]
+) -> None:
+    """AutoTP runs the Llama / Mistral / Qwen2 families (test_trainer_hf_tp.py); a layout whose
+    family is not one of them is refused before torch loads, naming the limit."""
+    doc = json.loads(hf_layouts["tp2"].read_text())
+    doc["model"]["architecture"]["family"] = "custom"
+    layout = hf_layouts["tp2"].with_name("tp2-custom.json")
+    layout.write_text(json.dumps(doc))
+    proc = _trainer(layout, hf_model_dir)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "tp=2: a pretrained model runs data parallel" in proc.stderr and "tp=1, pp=1" in proc.stderr
+    assert "tp=2 for model family custom" in proc.stderr and "Llama / Mistral / Qwen2" in proc.stderr
 
 
 _BLOCK_TRANSFORMERS = """

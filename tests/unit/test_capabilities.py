@@ -53,6 +53,7 @@ def _runnable(request: PlanRequest, layout: Any, method: str | None = None) -> s
         sequence_parallel=layout.sequence_parallel,
         zero_stage=layout.zero_stage,
         offload=layout.offload,
+        family=request.model.architecture.family if request.model.architecture else None,
     )
 
 
@@ -144,11 +145,17 @@ def test_the_planner_option_space_walk_returns_only_table_rows(method: str, pret
         assert returned, f"{method} (pretrained={pretrained}): the walk planned nothing"
 
 
+_AUTOTP: dict[str, Any] = {"method": "full", "model": "pretrained", "tp": 2}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"method": "lora", "model": "pretrained", "tp": 2}, "tp=2: LoRA runs data parallel"),
         ({"method": "full", "model": "pretrained", "pp": 2}, "pp=2: a pretrained model runs data parallel"),
+        ({**_AUTOTP, "zero_stage": 3, "family": "llama"}, "ZeRO stage 3 with tp=2"),
+        ({**_AUTOTP, "offload": "optimizer", "family": "llama"}, "offload=optimizer with tp=2"),
+        ({**_AUTOTP, "family": "chatglm"}, "tp=2 for model family chatglm"),
         ({"method": "full", "model": "builtin", "tp": 2, "sequence_parallel": True}, "sequence parallelism"),
         ({"method": "qlora", "model": "pretrained", "zero_stage": 3, "offload": "all"}, "offload=all"),
         ({"method": "lora", "model": "builtin"}, "needs a pretrained model"),
@@ -228,6 +235,27 @@ def test_admission_refuses_what_the_trainer_cannot_run() -> None:
     pinned = plan_job({**_spec(method="lora"), "parallelism": {"tensor": 2}}, SHAPE)
     assert not pinned.feasible and pinned.reason == "UnsupportedByRuntime"
     assert "tp=2" in pinned.message
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_a_pretrained_model_runs_tensor_parallel_with_autotp(family: str, zero: int) -> None:
+    reason = trainer_caps.refusal(
+        method="full", model="pretrained", tp=4, pp=1, sequence_parallel=False,
+        zero_stage=zero, offload="none", family=family,
+    )  # fmt: skip
+    assert reason is None
+
+
+def test_admission_plans_tensor_parallel_for_a_pretrained_llama() -> None:
+    spec = {**_spec(method="full"), "model": {"preset": "llama-2-7b", "path": "/models/llama"}}
+    outcome = plan_job({**spec, "parallelism": {"tensor": 2}}, SHAPE)
+    assert outcome.feasible and outcome.document is not None, outcome.message
+    layout = outcome.document["layout"]
+    assert layout["tp"] == 2 and layout["zero_stage"] in (0, 1, 2) and layout["offload"] == "none"
+    assert outcome.document["training"]["model_source"] == "pretrained"
+    parsed = contract.parse_layout(json.loads(json.dumps(outcome.document)))
+    assert contract.runtime_refusal(parsed, pretrained=True) is None
 
 
 def test_admission_plans_lora_data_parallel() -> None:

@@ -70,7 +70,7 @@ def build_model(
     arch = layout.architecture
     hf_model = None
     mpu: Any = Mpu(topo)
-    if hf_model_dir:  # tp == pp == 1 (capabilities.TABLE, checked before torch loaded)
+    if hf_model_dir:  # pp == 1; tp > 1 is DeepSpeed AutoTP (capabilities.TABLE, hf_tp.py)
         low_precision = layout.precision != "fp32"
         hf_model = pretrained.load_model(
             hf_model_dir,
@@ -89,6 +89,9 @@ def build_model(
         )
         model = pretrained.wrap_for_training(hf_model)
         parameters = pretrained.count_parameters(model)
+        # With AutoTP the trainer's Mpu still goes to deepspeed.initialize: its config reads the DP
+        # size (train_batch_size = micro * accum * dp) from it; the engine then builds its own TP
+        # groups over consecutive ranks, the same order as Topology.
     else:
         tp_ctx = TPContext(size=topo.tp, rank=topo.tp_rank, group=topo.tp_group if topo.tp > 1 else None)
         if layout.pp > 1:

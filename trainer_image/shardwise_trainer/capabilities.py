@@ -42,6 +42,10 @@ class Capability:
     limits: str
     #: Largest expert-parallel degree (mixture-of-experts models); 1 = experts are not sharded.
     max_ep: int = 1
+    #: With tp > 1: the ZeRO stages, offloads and model families (empty: any) that run.
+    tensor_zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    tensor_offloads: tuple[str, ...] = ("none", "optimizer", "all")
+    tensor_families: tuple[str, ...] = ()
 
 
 TABLE: Final[tuple[Capability, ...]] = (
@@ -59,13 +63,19 @@ TABLE: Final[tuple[Capability, ...]] = (
     Capability(
         "full",
         PRETRAINED,
-        max_tp=1,
+        max_tp=0,
         max_pp=1,
         sequence_parallel=False,
         zero_stages=(0, 1, 2, 3),
         pipeline_zero_stages=(),
         offloads=("none", "optimizer", "all"),
-        limits="a pretrained model runs data parallel (ZeRO 0-3) with tp=1, pp=1",
+        limits=(
+            "a pretrained model runs data parallel (ZeRO 0-3) with pp=1, and tensor parallel "
+            "(DeepSpeed AutoTP) with ZeRO 0-2, no offload, Llama / Mistral / Qwen2 families"
+        ),
+        tensor_zero_stages=(0, 1, 2),
+        tensor_offloads=("none",),
+        tensor_families=("llama", "mistral", "qwen2"),
     ),
     Capability(
         "lora",
@@ -184,8 +194,10 @@ def refusal(
     zero_stage: int,
     offload: str,
     expert: int = 1,
+    family: str | None = None,
 ) -> str | None:
-    """None when the trainer runs this layout, else one sentence naming the limit."""
+    """None when the trainer runs this layout, else one sentence naming the limit (``family``:
+    the model family, which decides whether a pretrained model runs tensor parallel)."""
     candidates = rows(method, model)
     if not candidates:
         runnable = sorted({f"{c.method} ({c.model})" for c in TABLE})
@@ -209,6 +221,12 @@ def refusal(
             reasons.append(f"ZeRO stage {zero_stage}: {c.limits}")
         elif pp > 1 and zero_stage not in c.pipeline_zero_stages:
             reasons.append(f"ZeRO stage {zero_stage} with pp={pp}: DeepSpeed's pipeline engine runs ZeRO 0-1")
+        elif tp > 1 and zero_stage not in c.tensor_zero_stages:
+            reasons.append(f"ZeRO stage {zero_stage} with tp={tp}: {c.limits}")
+        elif tp > 1 and offload not in c.tensor_offloads:
+            reasons.append(f"offload={offload} with tp={tp}: {c.limits}")
+        elif tp > 1 and c.tensor_families and family not in c.tensor_families:
+            reasons.append(f"tp={tp} for model family {family}: {c.limits}")
         elif offload not in c.offloads:
             reasons.append(f"offload={offload}: {c.limits}")
         elif offload != "none" and pp > 1:

@@ -606,6 +606,7 @@ def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
         zero_stage=layout.zero_stage,
         offload=layout.offload,
         expert=layout.ep,
+        family=layout.architecture.family,
     )
 
 

@@ -17,8 +17,10 @@ its own. ``torch.optim.AdamW`` keeps the same states (two fp32 moments per param
 offload the optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` (built with g++, present in the image;
 ``hack/setup`` builds it once into the torch extensions cache).
 
-Everywhere, ``tensor_parallel`` (DeepSpeed AutoTP) is removed: the trainer builds its layers
-already sharded over its own TP group. The batch keys are made to agree with the layout
+For the built-in model ``tensor_parallel`` (DeepSpeed AutoTP) is removed: the trainer builds its
+layers already sharded over its own TP group. For a Hugging Face model it is set to
+``{"autotp_size": tp}`` when tp > 1 (AutoTP shards the loaded model, see hf_tp.py) and removed
+otherwise. The batch keys are made to agree with the layout
 (``train_batch_size`` = ``micro_batch * grad_accum * dp``), the ZeRO stage is the layout's, and
 the precision section matches ``training.precision`` (``fp32`` disables ``bf16`` and ``fp16``).
 """
@@ -46,9 +48,12 @@ class Adapted:
     changes: list[str] = field(default_factory=list)
 
 
-def adapt(config: dict[str, Any], layout: Layout, *, on_cpu: bool, lr: float | None = None) -> Adapted:
+def adapt(
+    config: dict[str, Any], layout: Layout, *, on_cpu: bool, lr: float | None = None, autotp: bool = False
+) -> Adapted:
     """Return a copy of ``config`` consistent with ``layout`` and runnable on this device
-    (``lr``: the ``--lr`` override of the optimizer's learning rate)."""
+    (``lr``: the ``--lr`` override of the optimizer's learning rate; ``autotp``: a Hugging Face
+    model, which DeepSpeed AutoTP shards when ``layout.tp > 1``)."""
     cfg = copy.deepcopy(config)
     out = Adapted(cfg)
 
@@ -62,7 +67,14 @@ def adapt(config: dict[str, Any], layout: Layout, *, on_cpu: bool, lr: float | N
     setk("gradient_accumulation_steps", layout.grad_accum, "layout.grad_accum")
     setk("train_batch_size", layout.micro_batch * layout.grad_accum * layout.dp, "micro*accum*dp")
     cfg["steps_per_print"] = 10**9  # the trainer prints its own per-step lines
-    if "tensor_parallel" in cfg:
+    if autotp:  # a pretrained model: DeepSpeed AutoTP shards it over the layout's TP degree
+        tensor = {"autotp_size": layout.tp} if layout.tp > 1 else None
+        if cfg.get("tensor_parallel") != tensor:
+            out.changes.append(f"tensor_parallel: {cfg.get('tensor_parallel')!r} -> {tensor!r} (layout tp)")
+        cfg.pop("tensor_parallel", None)
+        if tensor is not None:
+            cfg["tensor_parallel"] = tensor
+    elif "tensor_parallel" in cfg:
         out.changes.append(
             f"tensor_parallel {cfg['tensor_parallel']!r} removed (the trainer shards the model itself, "
             "Megatron-style, over its TP group; DeepSpeed AutoTP would shard it again)"

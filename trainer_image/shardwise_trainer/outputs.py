@@ -6,9 +6,9 @@
 * tokenizer and remote-code files of the model directory are copied beside it, so the output
   directory is a complete model (or adapter) directory.
 
-Under ZeRO-3 the weights are partitioned: every rank takes part in gathering the 16-bit weights
-(``engine._zero3_consolidated_16bit_state_dict``), rank 0 writes. Other stages hold whole
-weights on every rank; rank 0 writes its copy.
+Under ZeRO-3 the weights are partitioned, under AutoTP (tp > 1) sharded: every rank takes part in
+gathering the 16-bit weights (``engine._consolidated_16bit_state_dict``), rank 0 writes. Otherwise
+every rank holds whole weights; rank 0 writes its copy.
 """
 
 # ruff: noqa: PLC0415
@@ -45,8 +45,9 @@ def _state_dict(engine: Any, zero_stage: int, prefix: str) -> dict[str, Any] | N
     the training wrapper's ``prefix``; a collective under ZeRO-3."""
     import torch.distributed as dist
 
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+    if zero_stage == 3 or engine.autotp_size() > 1:
+        # ZeRO-3 partitions and AutoTP shards are gathered to whole tensors (a collective).
+        state = engine._consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict() if dist.get_rank() == 0 else None
     if dist.get_rank() != 0 or state is None:

@@ -124,7 +124,7 @@ def run(opts: RunOptions) -> int:
     # Same seed on the ranks of a TP group (dropout masks of replicated activations agree).
     torch.manual_seed(opts.seed + 7919 * topo.dp_rank + 104729 * topo.pp_rank)
 
-    adapted = dsconfig.adapt(ds_config, layout, on_cpu=on_cpu, lr=opts.lr)
+    adapted = dsconfig.adapt(ds_config, layout, on_cpu=on_cpu, lr=opts.lr, autotp=bool(opts.hf_model))
     cadence = checkpointing.Cadence(opts.checkpoint_every, opts.checkpoint_every_minutes)
     ckpt = checkpointing.Checkpointer(
         opts.checkpoint_dir, cadence, keep=opts.checkpoint_keep, layout=layout, rank=rank, device=device
