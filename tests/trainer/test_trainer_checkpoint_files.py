@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from shardwise_trainer import checkpointing as ck
+from shardwise_trainer import contract
 
 
 def _tag(root: Path, step: int, *, complete: bool = True) -> Path:
@@ -58,6 +59,36 @@ def test_resume_converts_only_when_the_sharding_changed(
     assert resume is not None
     assert (resume.step, resume.universal) == (4, universal)
     assert resume.tag == ("step4-universal" if universal else "step4")
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "named"),
+    [
+        (
+            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1},
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
+            "tp 2 -> 1",
+        ),
+        (
+            {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 1},
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
+            "pp 2 -> 1",
+        ),
+        (
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2, "method": "lora"},
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2, "method": "full"},
+            "method lora -> full",
+        ),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_converted_is_refused_not_ignored(
+    tmp_path: Path, saved: dict[str, object], current: dict[str, object], named: str
+) -> None:
+    (_tag(tmp_path, 4) / ck.LAYOUT_FILE).write_text(json.dumps(saved))
+    with pytest.raises(contract.ContractError, match=named) as err:
+        ck.plan_resume(tmp_path, current)
+    assert err.value.reason == "InvalidCheckpoint"
+    assert "step4" in str(err.value) and "DP size and ZeRO stage only" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -73,9 +73,17 @@ def test_killed_run_resumes_same_curve(trainer_runs: RunCache, tmp_path: Path, n
 
 #: (written at, resumed at): a checkpoint resumes at another DP size / ZeRO stage through
 #: DeepSpeed's universal conversion, made automatically by the trainer.
-#: ZeRO-3 -> DP1 is not here: the weights resume exactly (the first resumed loss matches) but the
-#: Adam moments read from DeepSpeed's ZeRO-3 universal conversion do not (losses drift by ~4e-2).
-ACROSS = [("dp2-zero2", "single"), ("dp2-zero1", "single"), ("single", "dp2-zero2")]
+#: A ZeRO-3 checkpoint resumes with its Adam step, at ZeRO-0 and at ZeRO-2, and back: the trainer
+#: completes DeepSpeed's ZeRO-3 conversion (checkpointing._complete_zero3_conversion) and names the
+#: engine state as the other stage's loader looks for it (checkpointing._alias_engine_state).
+ACROSS = [
+    ("dp2-zero2", "single"),
+    ("dp2-zero1", "single"),
+    ("single", "dp2-zero2"),
+    ("dp2-zero3", "single"),
+    ("dp2-zero3", "dp2-zero2"),
+    ("dp2-zero2", "dp2-zero3"),
+]
 
 
 @pytest.mark.parametrize(("saved", "resumed_at"), ACROSS)
@@ -103,3 +111,28 @@ def test_resume_at_another_layout(
     assert resumed.events["resume"][0]["universal"] is True
     # keep 1: the resumed run's own final checkpoint replaced step 4 (and its universal copy)
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == [f"step{STEPS}"]
+
+
+def test_a_checkpoint_of_another_pipeline_depth_is_refused_not_restarted_at_zero(
+    trainer_runs: RunCache, tmp_path: Path
+) -> None:
+    """PP2 -> DP2: the trainer cannot convert pipeline checkpoints, so every rank exits 2 with
+    InvalidCheckpoint (rank 0 decides, the others hear it) instead of training from step 0."""
+    ckpt = tmp_path / "ckpt"
+    args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY))
+    run_trainer(trainer_runs.layout_path("pp2"), nproc=nproc_of(LAYOUTS["pp2"]), steps=EVERY, args=args)
+    message = tmp_path / "termination-log"
+    message.write_text("")
+    proc = subprocess.run(
+        torchrun_cmd(2, trainer_runs.layout_path("dp2-zero1"), STEPS, *args),
+        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message)}),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode != 0
+    text = message.read_text()
+    assert "shardwise.dev/exit-code=2" in text and "shardwise.dev/reason=InvalidCheckpoint" in text, text
+    assert "pp 2 -> 1" in text and "step4" in text
+    assert '"event": "step"' not in proc.stdout

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shardwise_trainer import contract
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer.checkpointing")
@@ -134,16 +135,39 @@ class Resume:
     convert_seconds: float = 0.0
 
 
+#: What a conversion cannot change: DeepSpeed's universal conversion re-shards DP and ZeRO, but
+#: the built-in model declares no tensor-parallel slicing patterns, and pipeline checkpoints are
+#: written per stage; a checkpoint of another method holds other parameters.
+FIXED_ACROSS_RESUME = ("tp", "pp", "method")
+
+
+def conversion_refusal(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why the checkpoint written at ``saved`` cannot resume at ``current`` (None: it can)."""
+    fixed = [k for k in FIXED_ACROSS_RESUME if k in saved and saved.get(k) != current.get(k)]
+    if not fixed:
+        return None
+    changes = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in fixed)
+    return (
+        f"the latest checkpoint was written at another layout ({changes}) and the trainer converts "
+        "checkpoints across DP size and ZeRO stage only; resume at the checkpoint's TP / PP and "
+        "method, or move the checkpoint directory away to start at step 0"
+    )
+
+
 def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
-    """Rank 0: the checkpoint to resume from and whether it needs the universal form."""
+    """Rank 0: the checkpoint to resume from and whether it needs the universal form; a
+    ContractError (InvalidCheckpoint) when it cannot be converted to the current layout."""
     step = latest_step(directory)
     if step is None:
         return None
     tag = tag_of(step)
     layout_path = directory / tag / LAYOUT_FILE
     saved = json.loads(layout_path.read_text()) if layout_path.exists() else dict(current)
-    if same_sharding(saved, current):
+    if same_sharding(saved, current) and saved.get("method", current.get("method")) == current.get("method"):
         return Resume(step=step, tag=tag, saved_layout=saved, universal=False)
+    refusal = conversion_refusal(saved, current)
+    if refusal is not None:
+        raise contract.ContractError(f"{directory / tag}: {refusal}", contract.REASON_INVALID_CHECKPOINT)
     return Resume(step=step, tag=tag + UNIVERSAL_SUFFIX, saved_layout=saved, universal=True)
 
 
@@ -171,12 +195,112 @@ def convert_to_universal(directory: Path, step: int) -> float:
     )
     if any((directory / tag_of(step)).glob("*optim_states.pt")):
         ds_to_universal.main(args)
+        _complete_zero3_conversion(tmp)
     else:  # no ZeRO: ds_to_universal needs ZeRO optimizer files; the same layout, written here
         _universal_from_plain(directory / tag_of(step), tmp)
+    _add_zero3_global_state(tmp)
+    _alias_engine_state(tmp)
     (tmp / COMPLETE).write_text(f"{tag_of(step)}\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return time.perf_counter() - start
+
+
+def _complete_zero3_conversion(out: Path) -> None:
+    """Make a ZeRO-3 conversion what the ZeRO-1/2 and plain loaders read (DeepSpeed 0.19).
+
+    ds_to_universal writes, for ZeRO-3 only: no per-parameter ``step.pt`` (ZeRO-3's optimizer
+    keeps one step per flat sub-group, in ``zero/optimizer_state.pt``), flat tensors instead of
+    the parameters' shapes, and no ``ds_version`` in the optimizer state. Only DeepSpeed's own
+    ZeRO-3 loader copes: without the step, Adam restarted its bias correction at step 1 — the
+    weights and moments resumed exactly, the updates did not (losses drifted by ~4e-2); without
+    ``ds_version`` a ZeRO-1/2 engine refuses the checkpoint.
+    """
+    import deepspeed
+    import torch
+
+    zero_dir = out / "zero"
+    global_state = zero_dir / "optimizer_state.pt"
+    engine_states = sorted(out.glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+    if not global_state.exists() or not engine_states:
+        return  # not a ZeRO-3 conversion
+    saved = torch.load(global_state, map_location="cpu", weights_only=False)
+    states = ((saved.get("optimizer_state_dict") or {}).get("state") or {}).values()
+    steps = {float(s["step"]) for s in states if isinstance(s, dict) and "step" in s}
+    if len(steps) != 1:
+        raise RuntimeError(f"{global_state}: expected one Adam step for every ZeRO-3 sub-group, got {steps}")
+    if not saved.get("ds_version"):
+        saved["ds_version"] = deepspeed.__version__
+        torch.save(saved, global_state)
+    step = torch.as_tensor(steps.pop())
+    shapes: dict[str, Any] = {}
+    for group in (
+        torch.load(engine_states[0], map_location="cpu", weights_only=False).get("param_shapes") or []
+    ):
+        shapes.update(group)
+    for name, shape in shapes.items():
+        folder = zero_dir / name
+        if not (folder / "fp32.pt").exists():
+            continue
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            path = folder / f"{key}.pt"
+            if path.exists():
+                loaded = torch.load(path, map_location="cpu", weights_only=False)
+                value = loaded["param"] if isinstance(loaded, dict) else loaded
+                torch.save({"param": value.reshape(shape), "cat_dim": 0}, path)
+        if not (folder / "step.pt").exists():
+            torch.save(step, folder / "step.pt")
+
+
+def _add_zero3_global_state(out: Path) -> None:
+    """Give a conversion of a ZeRO-0/1/2 checkpoint the global optimizer state DeepSpeed's ZeRO-3
+    loader reads (``optimizer_state_dict``: the Adam step and the param groups), which the
+    converter writes for ZeRO-3 sources only: a re-plan to a higher ZeRO stage (an out-of-memory)
+    resumes too."""
+    import torch
+
+    global_state = out / "zero" / "optimizer_state.pt"
+    if not global_state.exists():
+        return
+    saved = torch.load(global_state, map_location="cpu", weights_only=False)
+    if saved.get("optimizer_state_dict"):
+        return
+    step_file = next((out / "zero").glob("*/step.pt"), None)
+    if step_file is None:
+        raise RuntimeError(f"{out}: no parameter has an Adam step (zero/<parameter>/step.pt)")
+    step = torch.load(step_file, map_location="cpu", weights_only=False)
+    saved["optimizer_state_dict"] = {
+        "state": {0: {"step": step}},
+        "param_groups": saved.get("param_groups") or [],
+    }
+    torch.save(saved, global_state)
+
+
+def _alias_engine_state(out: Path) -> None:
+    """Name the engine state of a universal checkpoint both ways DeepSpeed looks for it.
+
+    The converter copies the source's model-states files as they are: ``mp_rank_NN_...`` from
+    ZeRO-0/1/2, ``zero_pp_rank_D_mp_rank_NN_...`` from ZeRO-3; a universal load reads
+    ``mp_rank_NN_...`` into a ZeRO-1/2 engine and ``zero_pp_rank_0_mp_rank_NN_...`` into a ZeRO-3
+    one, so a ZeRO-3 checkpoint resumed at ZeRO-2 (or back) found no file. The alias keeps the
+    engine state (steps, LR scheduler) without the module: a universal load takes the weights
+    from ``zero/<parameter>/fp32.pt``, never from this file.
+    """
+    import torch
+
+    for path in sorted(out.glob("*mp_rank_*_model_states.pt")):
+        m = re.fullmatch(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt", path.name)
+        if m is None or (m.group(1) not in (None, "0")):
+            continue
+        mp = m.group(2)
+        other = (
+            f"mp_rank_{mp}_model_states.pt" if m.group(1) else f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt"
+        )
+        if (out / other).exists():
+            continue
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved["module"] = {}
+        torch.save(saved, out / other)
 
 
 def _universal_from_plain(source: Path, out: Path) -> None:
@@ -280,12 +404,18 @@ class Checkpointer:
         if self.rank == 0:
             for name in prune(self.directory, keep=1 << 30, partial=True):
                 log.warning("deleted unfinished checkpoint %s", name)
-            resume = plan_resume(self.directory, self.layout)
-            if resume is not None and resume.universal:
-                resume.convert_seconds = convert_to_universal(self.directory, resume.step)
-            box = [resume]
+            found: Resume | str | None
+            try:
+                found = plan_resume(self.directory, self.layout)
+            except contract.ContractError as exc:
+                found = str(exc)  # every rank fails with it, none waits for rank 0 forever
+            if isinstance(found, Resume) and found.universal:
+                found.convert_seconds = convert_to_universal(self.directory, found.step)
+            box = [found]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise contract.ContractError(box[0], contract.REASON_INVALID_CHECKPOINT)
         resume = box[0]
         # DeepSpeed loads universal checkpoints into its ZeRO optimizers only; without ZeRO the
         # module comes from the original tag and the optimizer states from the universal copy.

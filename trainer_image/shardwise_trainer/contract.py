@@ -289,6 +289,9 @@ REASON_INVALID_MODEL: Final = "InvalidModel"
 REASON_UNSUPPORTED: Final = "UnsupportedByRuntime"
 #: The training data cannot be read (missing file, unknown format, a record without its fields).
 REASON_INVALID_DATASET: Final = "InvalidDataset"
+#: The latest checkpoint was written at a layout this trainer cannot convert to the current one
+#: (another TP or PP degree, another method): resuming would mean starting at step 0.
+REASON_INVALID_CHECKPOINT: Final = "InvalidCheckpoint"
 #: Reasons of a failed run (failures.classify): exit code, reason and whether a retry can help.
 EXIT_PROGRAM_ERROR: Final = 1
 EXIT_BAD_INPUT: Final = 2
