@@ -193,6 +193,16 @@ def layout_name(layout: dict[str, Any]) -> str:
     )
 
 
+def checkpoint_shards(status: dict[str, Any]) -> tuple[int, int] | None:
+    """(tp, pp) of status.latestCheckpoint.layout (``tp2-pp1-dp4-zero1``), None without one."""
+    name = str((status.get("latestCheckpoint") or {}).get("layout") or "")
+    parts = dict((p[:2], p[2:]) for p in name.split("-") if p[:2] in ("tp", "pp"))
+    try:
+        return int(parts["tp"]), int(parts["pp"])
+    except (KeyError, ValueError):
+        return None
+
+
 def with_checkpoint(
     status: dict[str, Any], found: tuple[int, float] | None, *, attempt: int
 ) -> dict[str, Any]:

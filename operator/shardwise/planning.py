@@ -8,7 +8,7 @@ from typing import Any
 
 from shardwise.inventory import Shape
 from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec
-from shardwise.planner import PlanInputError, PlanResult, gpu, plan
+from shardwise.planner import PlanInputError, PlanRequest, PlanResult, gpu, plan
 from shardwise.planner.request import PlannerSettings
 from shardwise.planner.search import REASON_RUNTIME_PREFIX
 from shardwise.planner.units import GIB
@@ -57,15 +57,54 @@ def _infeasible(result: PlanResult) -> PlanOutcome:
     return PlanOutcome(False, reason, ". ".join(parts))
 
 
+def _held_to(request: PlanRequest, shards: tuple[int, int] | None) -> PlanRequest | None:
+    """The request with TP / PP pinned to a checkpoint's, unless the spec pins others (then the
+    user changed them and the checkpoint cannot resume anyway)."""
+    if shards is None:
+        return None
+    tp, pp = shards
+    pins = request.pins
+    if (pins.tp not in (None, tp)) or (pins.pp not in (None, pp)):
+        return None
+    return dataclasses.replace(request, pins=dataclasses.replace(pins, tp=tp, pp=pp))
+
+
+def _plan_held(kept: PlanRequest | None) -> PlanResult | str:
+    """The plan held to the checkpoint's TP / PP, or why those pins cannot be planned at all."""
+    if kept is None:
+        return "no checkpoint"
+    try:
+        return plan(kept)
+    except PlanInputError as exc:
+        return str(exc)
+
+
+def _not_resumable(shards: tuple[int, int], held: PlanOutcome, free: PlanResult) -> PlanOutcome:
+    assert free.choice is not None
+    tp, pp = shards
+    return PlanOutcome(
+        False,
+        "CheckpointNotResumable",
+        f"the latest checkpoint was written at tp={tp}, pp={pp}, and no layout with tp={tp}, pp={pp} fits"
+        f" what is left ({held.reason}: {held.message}); the trainer converts checkpoints across DP size"
+        f" and ZeRO stage only, so the job waits for GPUs that fit it. {free.choice.layout.describe()}"
+        " would fit, from step 0: move the checkpoint directory away (spec.checkpoint) to start over",
+    )
+
+
 def plan_job(
     spec: dict[str, Any],
     shape: Shape,
     pins: dict[str, Any] | None = None,
     *,
     memory_correction: float = 1.0,
+    checkpoint_shards: tuple[int, int] | None = None,
 ) -> PlanOutcome:
     """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan;
-    memory_correction (status.memoryCorrection.factor) scales the memory predictions.
+    memory_correction (status.memoryCorrection.factor) scales the memory predictions;
+    checkpoint_shards, the (tp, pp) of the job's latest checkpoint, holds a re-plan to them (the
+    trainer converts checkpoints across DP size and ZeRO stage only), and a re-plan that could only
+    run at another TP / PP is refused (CheckpointNotResumable) rather than losing the progress.
 
     The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,
     when given, overrides the label, as the CLI's --gpu-memory does.
@@ -96,7 +135,19 @@ def plan_job(
         )
         if pins:
             request = dataclasses.replace(request, pins=pins_from_status_layout(pins))
-        result = plan(request)
+        kept = None if pins else _held_to(request, checkpoint_shards)
+        held = _plan_held(kept)
+        if isinstance(held, PlanResult) and held.feasible:
+            result = held
+        else:
+            result = plan(request)
+            if kept is not None and checkpoint_shards is not None and result.feasible:
+                why = (
+                    _infeasible(held)
+                    if isinstance(held, PlanResult)
+                    else PlanOutcome(False, "InvalidSpec", held)
+                )
+                return _not_resumable(checkpoint_shards, why, result)
     except SpecError as exc:
         return PlanOutcome(False, "InvalidSpec", str(exc))
     except PlanInputError as exc:

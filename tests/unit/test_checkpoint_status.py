@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shardwise.jobstatus import layout_name, with_checkpoint
+from shardwise.jobstatus import checkpoint_shards, layout_name, with_checkpoint
 from shardwise.metrics.trainer_page import latest_checkpoint, parse_trainer_metrics
 
 LAYOUT = {"tensor": 1, "pipeline": 1, "data": 2, "zeroStage": 2}
@@ -70,3 +70,19 @@ def test_with_checkpoint_moves_forward_only(current: Any, found: Any, expected_s
 def test_layout_name_defaults() -> None:
     assert layout_name({}) == "tp1-pp1-dp1-zero0"
     assert layout_name(LAYOUT) == "tp1-pp1-dp2-zero2"
+
+
+@pytest.mark.parametrize(
+    ("status", "shards"),
+    [
+        ({}, None),
+        ({"latestCheckpoint": {"layout": "tp2-pp1-dp4-zero1"}}, (2, 1)),
+        ({"latestCheckpoint": {"layout": "tp1-pp4-dp1-zero0"}}, (1, 4)),
+        ({"latestCheckpoint": {"layout": "garbage"}}, None),
+        ({"latestCheckpoint": {"layout": "tpx-pp1"}}, None),
+    ],
+)
+def test_checkpoint_shards_read_the_latest_checkpoint_layout(
+    status: dict[str, Any], shards: tuple[int, int] | None
+) -> None:
+    assert checkpoint_shards(status) == shards

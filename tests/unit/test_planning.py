@@ -72,3 +72,32 @@ def test_reasons_for_not_planning(sections: dict[str, Any], shape: Shape, reason
     assert not outcome.feasible
     assert outcome.reason == reason
     assert outcome.message
+
+
+@pytest.mark.parametrize(
+    ("shards", "tp", "pp"),
+    [((1, 1), 1, 1), ((2, 1), 2, 1), ((1, 2), 1, 2), ((4, 2), 4, 2)],
+)
+def test_a_replan_keeps_the_tp_and_pp_of_the_latest_checkpoint(
+    shards: tuple[int, int], tp: int, pp: int
+) -> None:
+    outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=shards)
+    assert outcome.feasible and outcome.layout_status is not None, outcome.message
+    assert (outcome.layout_status["tensor"], outcome.layout_status["pipeline"]) == (tp, pp)
+
+
+def test_a_replan_that_only_fits_at_another_tp_or_pp_is_refused_not_restarted_from_zero() -> None:
+    outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=(8, 2))
+    assert not outcome.feasible and outcome.reason == "CheckpointNotResumable"
+    assert "written at tp=8, pp=2" in outcome.message
+    assert (
+        "move the checkpoint directory away" in outcome.message
+        and "would fit, from step 0" in outcome.message
+    )
+
+
+def test_pins_of_the_spec_win_over_the_checkpoint_shards() -> None:
+    pinned = spec(resources={"gpus": 8}, parallelism={"tensor": 2})
+    outcome = plan_job(pinned, ONE_H100_NODE, checkpoint_shards=(1, 1))
+    assert outcome.feasible and outcome.layout_status is not None
+    assert outcome.layout_status["tensor"] == 2

@@ -24,6 +24,7 @@ from shardwise.jobstatus import (
     SUSPENDED,
     Event,
     changed_events,
+    checkpoint_shards,
     finished,
     needs_plan,
     planned_generation,
@@ -716,6 +717,7 @@ class _Pass:
             count, per = int(pins["nodes"]), int(pins["gpusPerNode"])
             gpus = count * per
         correction = oom_replan.current_correction(self.status)
+        held = checkpoint_shards(self.status)  # a re-plan keeps the checkpoint's TP / PP
         try:
             shape = self._shape(count, per, gpus)
         except inventory.InventoryError as exc:
@@ -726,12 +728,12 @@ class _Pass:
                 shape = self._fewer(count, per, gpus)
             except inventory.InventoryError:
                 return PlanOutcome(False, exc.reason, exc.message)
-            outcome = plan_job(self.spec, shape, None, memory_correction=correction)
+            outcome = plan_job(self.spec, shape, None, memory_correction=correction, checkpoint_shards=held)
             if outcome.feasible:
                 lost = f"lost GPUs: re-planned for {shape.nodes}×{shape.gpus_per_node}"
                 self.events.append(Event("Warning", "Replanned", f"{lost}: {outcome.message}"))
             return outcome
-        return plan_job(self.spec, shape, pins, memory_correction=correction)
+        return plan_job(self.spec, shape, pins, memory_correction=correction, checkpoint_shards=held)
 
     def _fewer(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
         """After losing nodes: the same GPUs per node on fewer nodes, or else a smaller total."""
