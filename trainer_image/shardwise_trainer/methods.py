@@ -11,6 +11,11 @@ parameter count equals the plan's exactly:
   alpha / r, no bias; everything else frozen;
 * qlora: the same adapters on a 4-bit NF4 base (``pretrained.load_model``), after
   ``peft.prepare_model_for_kbit_training``.
+
+Activation checkpointing uses the model's own ``gradient_checkpointing_enable`` when it declares
+support; remote code that does not (``supports_gradient_checkpointing = False``) gets each decoder
+layer's forward wrapped in non-reentrant ``torch.utils.checkpoint`` instead, so a plan that
+counts on checkpointing runs as planned rather than failing at the first step.
 """
 
 # ruff: noqa: PLC0415 - peft loads lazily, only for LoRA / QLoRA
@@ -34,6 +39,29 @@ def decoder_layers(model: Any, layers: int) -> Any:
     raise contract.ContractError(
         f"the model has no list of {layers} decoder layers named 'layers'", contract.REASON_INVALID_MODEL
     )
+
+
+def _supports_checkpointing(model: Any) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "supports_gradient_checkpointing", False))
+
+
+def _checkpoint_layers(model: Any, layers: int) -> None:
+    """Recompute each decoder layer in backward (the model cannot do it itself)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model, layers):
+        forward = layer.forward
+
+        @functools.wraps(forward)
+        def recomputed(*args: Any, _forward: Any = forward, _layer: Any = layer, **kwargs: Any) -> Any:
+            if not _layer.training:
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = recomputed
 
 
 def _freeze_all(model: Any) -> None:
@@ -60,7 +88,9 @@ def apply_method(model: Any, layout: Layout, family: str, *, checkpointing: bool
         import peft
 
         if method == "qlora":
-            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=checkpointing and _supports_checkpointing(model)
+            )
         _freeze_all(model)
         config = peft.LoraConfig(
             r=layout.lora_rank,
@@ -84,7 +114,9 @@ def apply_method(model: Any, layout: Layout, family: str, *, checkpointing: bool
     if tower is not None:
         for p in tower.parameters():
             p.requires_grad_(False)
-    if checkpointing and method != "qlora":  # prepare_model_for_kbit_training enabled it already
+    if checkpointing and not _supports_checkpointing(model):
+        _checkpoint_layers(model, layout.architecture.layers)
+    elif checkpointing and method != "qlora":  # prepare_model_for_kbit_training enabled it already
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
