@@ -41,9 +41,20 @@ def decoder_layers(model: Any, layers: int) -> Any:
     )
 
 
-def _supports_checkpointing(model: Any) -> bool:
+def _enable_checkpointing(model: Any, layers: int) -> None:
+    """The model's own gradient checkpointing, else each decoder layer recomputed by the trainer.
+
+    Remote code may declare no support, or override the hook with the pre-4.35 signature
+    (ChatGLM3's ``_set_gradient_checkpointing(module, value)``), which transformers 5 calls with
+    other arguments: a ValueError or TypeError before anything is switched on."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(inner, "supports_gradient_checkpointing", False))
+    if getattr(inner, "supports_gradient_checkpointing", False):
+        try:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+        except (TypeError, ValueError):
+            pass
+    _checkpoint_layers(model, layers)
 
 
 def _checkpoint_layers(model: Any, layers: int) -> None:
@@ -88,9 +99,8 @@ def apply_method(model: Any, layout: Layout, family: str, *, checkpointing: bool
         import peft
 
         if method == "qlora":
-            model = peft.prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=checkpointing and _supports_checkpointing(model)
-            )
+            # Checkpointing is enabled below, the same way as for the other methods.
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _freeze_all(model)
         config = peft.LoraConfig(
             r=layout.lora_rank,
@@ -114,11 +124,8 @@ def apply_method(model: Any, layout: Layout, family: str, *, checkpointing: bool
     if tower is not None:
         for p in tower.parameters():
             p.requires_grad_(False)
-    if checkpointing and not _supports_checkpointing(model):
-        _checkpoint_layers(model, layout.architecture.layers)
-    elif checkpointing and method != "qlora":  # prepare_model_for_kbit_training enabled it already
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        _enable_checkpointing(model, layout.architecture.layers)
     return model
 
 
