@@ -162,6 +162,8 @@ def plan_job(
         return _infeasible(result)
     document = layout_document_for(result)
     status = status_layout(result.choice)
+    if shape.product != "unknown":  # the pods are held to the GPU product the plan assumed
+        status["gpuProduct"] = shape.product
     message = (
         f"{result.choice.layout.describe()} on {shape.nodes}×{shape.gpus_per_node} {shape.product};"
         f" predicted {_gib(result.choice.memory.total)} of {_gib(result.choice.capacity)} per GPU,"

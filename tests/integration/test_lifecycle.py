@@ -238,3 +238,34 @@ def test_losing_a_node_replans_the_job_for_what_is_left(
     pod = running_pod(kubectl, namespace, "shrink", job["status"]["attempt"])
     assert pod["spec"]["nodeName"] == pods[0]["spec"]["nodeName"]
     assert "--nnodes=1" in pod["spec"]["containers"][0]["command"]
+
+
+def test_in_a_mixed_cluster_the_pods_land_only_on_the_planned_gpu_product(
+    cluster: Any, kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    """One H100-80GB and three A100-40GB nodes in one pool: the plan assumes the H100 (the roomier
+    GPU) and the pod requires that product, so the scheduler cannot put it on an A100."""
+    pool = namespace
+    h100 = cluster.add_gpu_nodes(
+        1, gpus_per_node=8, gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559, prefix=f"mix-h-{pool}"
+    )
+    a100 = cluster.add_gpu_nodes(
+        3, gpus_per_node=8, gpu_product="NVIDIA-A100-SXM4-40GB", gpu_memory_mib=40960, prefix=f"mix-a-{pool}"
+    )
+    kubectl("label", "node", *h100, *a100, f"pool={pool}")
+    kubectl.apply(
+        job_manifest(
+            "mixed", namespace, resources={"nodes": 1, "gpusPerNode": 8, "nodeSelector": {"pool": pool}}
+        )
+    )
+    pod = running_pod(kubectl, namespace, "mixed", 0)
+    job = kubectl.job(namespace, "mixed")
+    assert job["status"]["layout"]["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
+    assert pod["spec"]["nodeName"] in h100, (pod["spec"]["nodeName"], h100)
+    [term] = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]} in term[
+        "matchExpressions"
+    ]
+    kubectl("delete", "node", *h100, *a100, "--wait=false")

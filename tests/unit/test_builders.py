@@ -226,6 +226,61 @@ def test_excluded_nodes_are_kept_off_by_node_affinity(
         assert "nodeAffinity" not in build_pod(j, SHAPE, 1)["spec"]["affinity"]
 
 
+H100 = "NVIDIA-H100-80GB-HBM3"
+PRODUCT_IN = {"key": "nvidia.com/gpu.product", "operator": "In", "values": [H100]}
+
+
+@pytest.mark.parametrize(
+    ("template_affinity", "resources", "terms"),
+    [
+        (None, {}, [{"matchExpressions": [PRODUCT_IN]}]),
+        # ANDed into each of the user's ORed terms
+        (
+            {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]},
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]},
+            ]}}},
+            {},
+            [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}, PRODUCT_IN]},
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}, PRODUCT_IN]},
+            ],
+        ),
+        # spec.resources.gpuProduct pins it by nodeSelector already: no second rule
+        (None, {"gpuProduct": H100}, None),
+    ],
+)  # fmt: skip
+def test_pods_require_the_gpu_product_the_plan_assumed(
+    template_affinity: dict[str, Any] | None, resources: dict[str, Any], terms: list[dict[str, Any]] | None
+) -> None:
+    j = job()
+    j["spec"].setdefault("resources", {}).update(resources)
+    if template_affinity:
+        j["spec"]["template"]["spec"]["affinity"] = template_affinity
+    pod = build_pod(j, PodShape(nodes=2, gpus_per_node=8, attempt=0, gpu_product=H100), 0)
+    node_affinity = pod["spec"]["affinity"].get("nodeAffinity")
+    if terms is None:
+        assert node_affinity is None and pod["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == H100
+    else:
+        assert node_affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == terms
+
+
+@pytest.mark.parametrize(
+    ("host", "template_requests", "memory"),
+    [(0, {}, None), (53922234368, {}, "53922234368"), (53922234368, {"memory": "100Gi"}, "100Gi")],
+)
+def test_pods_request_the_host_memory_offload_needs(
+    host: int, template_requests: dict[str, str], memory: str | None
+) -> None:
+    j = job()
+    if template_requests:
+        j["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": dict(template_requests)}
+    pod = build_pod(j, PodShape(nodes=2, gpus_per_node=8, attempt=0, host_memory_bytes=host), 0)
+    requests = pod["spec"]["containers"][0]["resources"]["requests"]
+    assert requests.get("memory") == memory
+    assert requests["nvidia.com/gpu"] == "8"
+
+
 def test_builders_do_not_mutate_the_job_and_render_identically() -> None:
     j = job()
     snapshot = json.dumps(j, sort_keys=True)

@@ -101,3 +101,19 @@ def test_pins_of_the_spec_win_over_the_checkpoint_shards() -> None:
     outcome = plan_job(pinned, ONE_H100_NODE, checkpoint_shards=(1, 1))
     assert outcome.feasible and outcome.layout_status is not None
     assert outcome.layout_status["tensor"] == 2
+
+
+def test_the_status_layout_names_the_gpu_product_and_the_host_memory_offload_needs() -> None:
+    plain = plan_job(spec(), H100)
+    assert plain.layout_status is not None
+    assert plain.layout_status["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
+    assert plain.layout_status["hostMemoryBytes"] == 0
+    training = {"method": "full", "precision": "bf16", "sequenceLength": 4096, "globalBatchSize": 16}
+    offloaded = plan_job(spec(training={**training, "offload": "optimizer"}), H100)
+    assert offloaded.layout_status is not None and offloaded.layout_status["offload"] == "optimizer"
+    assert offloaded.document is not None
+    assert (
+        offloaded.layout_status["hostMemoryBytes"]
+        == offloaded.document["predicted"]["cpu_memory_per_node"]
+        > 0
+    )

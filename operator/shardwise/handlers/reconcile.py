@@ -298,6 +298,8 @@ class _Pass:
             attempt=attempt,
             gpu_resource=(self.spec.get("resources") or {}).get("gpuResource") or "nvidia.com/gpu",
             excluded_nodes=tuple(sorted(remediation.excluded_names(self.status))),
+            gpu_product=layout.get("gpuProduct") or None,
+            host_memory_bytes=int(layout.get("hostMemoryBytes") or 0),
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 

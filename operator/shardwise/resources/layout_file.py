@@ -111,6 +111,7 @@ def status_layout(evaluation: Evaluation) -> dict[str, Any]:
         "gpus": layout.gpus,
         "predictedGpuMemoryBytes": evaluation.memory.total,
         "gpuMemoryBytes": evaluation.capacity,
+        "hostMemoryBytes": max(0, int(evaluation.cpu_memory_per_node)),
         "summary": layout_summary(layout),
     }
 

@@ -73,6 +73,10 @@ class PodShape:
     gpu_resource: str = "nvidia.com/gpu"
     #: Nodes the pods must not run on (status.excludedNodes: stragglers the job replaced).
     excluded_nodes: tuple[str, ...] = ()
+    #: The GPU product the plan assumed (status.layout.gpuProduct): required of every pod's node.
+    gpu_product: str | None = None
+    #: Host memory one node's ranks need per the plan (status.layout.hostMemoryBytes): requested.
+    host_memory_bytes: int = 0
 
 
 def rendezvous_id(job: dict[str, Any], attempt: int) -> str:
@@ -256,6 +260,10 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
     # Extended resources must have requests == limits; GPUs cannot be overcommitted.
     res.setdefault("limits", {})[shape.gpu_resource] = gpus
     res.setdefault("requests", {})[shape.gpu_resource] = gpus
+    if shape.host_memory_bytes > 0 and "memory" not in res["requests"]:
+        # Offloaded optimizer states / parameters live in host memory: without a request the pod
+        # is BestEffort and lands on a node that cannot hold them (the template's own request wins).
+        res["requests"]["memory"] = str(shape.host_memory_bytes)
 
     ports = container.setdefault("ports", [])
     known = {p.get("containerPort") for p in ports}
@@ -303,6 +311,11 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
 
     if shape.excluded_nodes:
         _avoid_nodes(affinity, shape.excluded_nodes)
+    if shape.gpu_product and "nvidia.com/gpu.product" not in node_selector:
+        # In a mixed cluster a plan for 80 GB cards must not land on 40 GB ones.
+        _require_on_every_term(
+            affinity, {"key": "nvidia.com/gpu.product", "operator": "In", "values": [shape.gpu_product]}
+        )
 
     template_meta: dict[str, Any] = template.get("metadata") or {}
     meta = child_metadata(
@@ -317,19 +330,30 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
-def _avoid_nodes(affinity: dict[str, Any], names: tuple[str, ...]) -> None:
-    """Keep the pod off ``names``: node-selector terms are ORed, so every term of the template's own
-    required node affinity gets the exclusion (one term with only it when there is none)."""
+def _terms(affinity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The required node-selector terms (ORed), one empty term when the template has none."""
     required = affinity.setdefault("nodeAffinity", {}).setdefault(
         "requiredDuringSchedulingIgnoredDuringExecution", {}
     )
-    terms = required.setdefault("nodeSelectorTerms", [])
+    terms: list[dict[str, Any]] = required.setdefault("nodeSelectorTerms", [])
     if not terms:
         terms.append({})
-    for term in terms:
+    return terms
+
+
+def _avoid_nodes(affinity: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Keep the pod off ``names``: node-selector terms are ORed, so every term of the template's own
+    required node affinity gets the exclusion (one term with only it when there is none)."""
+    for term in _terms(affinity):
         term.setdefault("matchFields", []).append(
             {"key": "metadata.name", "operator": "NotIn", "values": sorted(names)}
         )
+
+
+def _require_on_every_term(affinity: dict[str, Any], expression: dict[str, Any]) -> None:
+    """AND a label requirement into every required node-selector term."""
+    for term in _terms(affinity):
+        term.setdefault("matchExpressions", []).append(copy.deepcopy(expression))
 
 
 def build_pods(job: dict[str, Any], shape: PodShape) -> list[dict[str, Any]]:
