@@ -66,6 +66,66 @@ class Shape:
         return self.nodes * self.gpus_per_node
 
 
+@dataclass(frozen=True)
+class Claim:
+    """GPUs held that no bound pod shows yet: a planned job's pods not created or not bound, or a
+    created-but-unbound pod of another workload. `pods` pods of `gpus_per_node` GPUs each, one per
+    node, on nodes in `nodes` (None: any node) but not in `avoid` (where the holder already runs)."""
+
+    pods: int
+    gpus_per_node: int
+    nodes: frozenset[str] | None = None
+    avoid: frozenset[str] = frozenset()
+
+
+def reserve(free: dict[str, int], claims: Iterable[Claim]) -> dict[str, int]:
+    """Free GPUs per node after setting the claims aside, each pod where the scheduler could put
+    it (the roomiest allowed node first). A pod that fits nowhere whole still takes what is left
+    on the roomiest allowed nodes: over-counting a claim only delays a job, under-counting it
+    double-books GPUs."""
+    left = dict(free)
+    for claim in sorted(claims, key=lambda c: (-c.gpus_per_node, -c.pods)):
+        allowed = [n for n in left if (claim.nodes is None or n in claim.nodes) and n not in claim.avoid]
+        used: set[str] = set()
+        for _ in range(claim.pods):
+            spots = sorted((n for n in allowed if n not in used), key=lambda n: (-left[n], n))
+            if not spots:
+                break
+            fit = next((n for n in spots if left[n] >= claim.gpus_per_node), None)
+            if fit is not None:
+                left[fit] -= claim.gpus_per_node
+                used.add(fit)
+                continue
+            need = claim.gpus_per_node
+            for n in spots:
+                take = min(need, left[n])
+                left[n] -= take
+                need -= take
+                if not need:
+                    break
+            used.add(spots[0])
+    return left
+
+
+def unbound_pod_claims(
+    pods: Iterable[Mapping[str, Any]], *, gpu_resource: str, skip_label: str
+) -> list[Claim]:
+    """Claims of live, not yet bound pods that request GPUs, except those labelled skip_label
+    (shardwise's own pods, which their job's plan claims already)."""
+    claims: list[Claim] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        if spec.get("nodeName") or (pod.get("status") or {}).get("phase") in {"Succeeded", "Failed"}:
+            continue
+        if skip_label in (meta.get("labels") or {}):
+            continue
+        gpus = pod_gpu_request(pod, gpu_resource)
+        if gpus > 0:
+            claims.append(Claim(pods=1, gpus_per_node=gpus))
+    return claims
+
+
 class InventoryError(Exception):
     """The cluster cannot host the job's GPU request now; reason is a CamelCase condition reason."""
 
@@ -132,8 +192,11 @@ def gpu_nodes(
     tolerations: list[Mapping[str, Any]],
     exclude_job: str | None = None,
     exclude_namespace: str | None = None,
+    claims: Iterable[Claim] = (),
 ) -> list[NodeGpus]:
-    """Eligible nodes with their free GPUs (allocatable minus non-terminal pods of other workloads)."""
+    """Eligible nodes with their free GPUs: allocatable minus non-terminal bound pods of other
+    workloads, minus the claims (see `reserve`), which are placed over every GPU node first so
+    that a claim lands where its holder could run, not only among this job's nodes."""
     used: dict[str, int] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
@@ -149,13 +212,17 @@ def gpu_nodes(
         if node_name:
             used[node_name] = used.get(node_name, 0) + pod_gpu_request(pod, gpu_resource)
 
-    result: list[NodeGpus] = []
+    offering: list[tuple[str, Mapping[str, Any], int]] = []
     for node in nodes:
         allocatable_raw = ((node.get("status") or {}).get("allocatable") or {}).get(gpu_resource)
-        if not allocatable_raw or not _eligible(node, node_selector, tolerations):
-            continue
-        allocatable = parse_quantity(str(allocatable_raw))
-        if allocatable <= 0:
+        allocatable = parse_quantity(str(allocatable_raw)) if allocatable_raw else 0
+        if allocatable > 0 and _ready(node):
+            offering.append((str((node.get("metadata") or {}).get("name")), node, allocatable))
+    free = reserve({name: max(0, a - used.get(name, 0)) for name, _, a in offering}, claims)
+
+    result: list[NodeGpus] = []
+    for name, node, allocatable in offering:
+        if not _eligible(node, node_selector, tolerations):
             continue
         meta = node.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -163,9 +230,9 @@ def gpu_nodes(
         host_raw = ((node.get("status") or {}).get("allocatable") or {}).get("memory")
         result.append(
             NodeGpus(
-                name=str(meta.get("name")),
+                name=name,
                 allocatable=allocatable,
-                free=max(0, allocatable - used.get(str(meta.get("name")), 0)),
+                free=free[name],
                 product=str(labels.get(LABEL_GPU_PRODUCT, "unknown")),
                 gpu_memory_bytes=int(mem_label) * MIB if mem_label and str(mem_label).isdigit() else None,
                 host_memory_bytes=parse_quantity(str(host_raw)) if host_raw else None,

@@ -52,6 +52,8 @@ CLUSTER_SCOPED_PERMISSIONS: frozenset[tuple[str, str]] = frozenset(
     {
         ("nodes", "list"),
         ("nodes", "watch"),
+        ("priorityclasses.scheduling.k8s.io", "list"),
+        ("priorityclasses.scheduling.k8s.io", "watch"),
         ("customresourcedefinitions.apiextensions.k8s.io", "list"),
         ("customresourcedefinitions.apiextensions.k8s.io", "watch"),
     }

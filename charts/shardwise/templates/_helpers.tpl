@@ -96,6 +96,7 @@ No Secrets: the operator never reads or writes one.
 {{/*
 Cluster-scoped rules, needed in both modes:
   nodes                      list, watch   the GPU inventory (allocatable GPUs, GFD labels)
+  priorityclasses            list, watch   the GPU queue's order: a job's PriorityClass value
   customresourcedefinitions  list, watch   kopf's resource observation: it notices the CRD being
                                            (re)installed while it runs; without it kopf logs a
                                            warning and only scans the API at startup
@@ -103,6 +104,9 @@ Cluster-scoped rules, needed in both modes:
 {{- define "shardwise.clusterRules" -}}
 - apiGroups: [""]
   resources: ["nodes"]
+  verbs: ["list", "watch"]
+- apiGroups: ["scheduling.k8s.io"]
+  resources: ["priorityclasses"]
   verbs: ["list", "watch"]
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]

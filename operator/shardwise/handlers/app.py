@@ -62,6 +62,8 @@ class Controller:
     queue: WorkQueue[JobKey] = field(default_factory=WorkQueue)
     indexes: dict[str, Any] = field(default_factory=dict)
     node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Whether each job's last pass left it holding GPUs (planned, not finished).
+    holding: dict[JobKey, bool] = field(default_factory=dict)
     # Per job: consecutive failed passes and when the last one failed (monotonic seconds).
     failures: dict[JobKey, tuple[int, float]] = field(default_factory=dict)
     kube: Kube | None = None
@@ -74,8 +76,10 @@ class Controller:
 
         return ClusterView(
             job=lambda key: one("shardwise_jobs", key),
+            jobs=self._all_jobs,
             nodes=lambda: [v for vs in self.indexes.get("shardwise_nodes", {}).values() for v in vs],
-            bound_pods=lambda: _store_values(self.indexes.get("shardwise_bound_pods", {}), None),
+            live_pods=lambda: _store_values(self.indexes.get("shardwise_live_pods", {}), None),
+            priority_classes=self._priority_classes,
             job_pods=lambda key: _store_values(self.indexes.get("shardwise_job_pods", {}), key),
             job_children=lambda key: [
                 *_store_values(self.indexes.get("shardwise_job_configmaps", {}), key),
@@ -116,17 +120,34 @@ class Controller:
         job = _store_values(self.indexes.get("shardwise_jobs", {}), key)
         return bool(job) and (job[0].get("metadata") or {}).get("uid") == uid
 
+    def _priority_classes(self) -> tuple[dict[str, int], int]:
+        classes: dict[str, int] = {}
+        default = 0
+        for values in self.indexes.get("shardwise_priority_classes", {}).values():
+            for name, value, is_default in values:
+                classes[name] = value
+                default = value if is_default else default
+        return classes, default
+
     def _observed(self, key: JobKey, uid: str, status: dict[str, Any]) -> None:
         # A pass that ends after the job's DELETED event (the pass that deleted it, say) must not
         # bring its series back: only observations of the job the watch still holds count.
         if not self.alive(key, uid):
             return
+        holds = bool(status.get("layout")) and not finished(status)
+        if self.holding.get(key, False) != holds:
+            # A job took or gave back its GPUs: the jobs queued behind it get their turn now,
+            # not at their next routine requeue.
+            self.holding[key] = holds
+            self.poke_waiting_jobs()
         self.metrics.observe_job(key, status)
         self.exporter.observe_status(key[0], key[1], status)
 
     def forget(self, key: JobKey) -> None:
         """The job is gone: no work, no series, no counters left behind."""
         self.queue.forget(key)
+        if self.holding.pop(key, False):
+            self.poke_waiting_jobs()
         self.failures.pop(key, None)
         self.metrics.forget_job(key)
         self.exporter.forget_job(*key)
@@ -202,7 +223,8 @@ CONTROLLER = Controller()
 INDEXES = (
     "shardwise_jobs",
     "shardwise_nodes",
-    "shardwise_bound_pods",
+    "shardwise_live_pods",
+    "shardwise_priority_classes",
     "shardwise_job_pods",
     "shardwise_job_configmaps",
     "shardwise_job_services",
@@ -243,13 +265,13 @@ async def shardwise_nodes(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any
     return {name: _plain(body)}
 
 
-def _is_bound_and_live(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    return bool(spec.get("nodeName")) and status.get("phase") not in ("Succeeded", "Failed")
+def _is_live(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in ("Succeeded", "Failed")
 
 
-@kopf.index("", "v1", "pods", when=_is_bound_and_live)
-async def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    # Only what the inventory needs: who holds which GPUs on which node.
+@kopf.index("", "v1", "pods", when=_is_live)
+async def shardwise_live_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    # Only what the inventory needs: who holds (or, not bound yet, will hold) which GPUs where.
     return {
         None: {
             "metadata": {
@@ -271,6 +293,11 @@ async def shardwise_bound_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
             "status": {"phase": body.get("status", {}).get("phase")},
         }
     }
+
+
+@kopf.index("scheduling.k8s.io", "v1", "priorityclasses")
+async def shardwise_priority_classes(name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {name: (name, int(body.get("value") or 0), bool(body.get("globalDefault")))}
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})

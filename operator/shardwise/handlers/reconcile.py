@@ -10,12 +10,12 @@ import asyncio
 import copy
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shardwise import inventory, lifecycle, oom_replan, remediation
+from shardwise import gpu_queue, inventory, lifecycle, oom_replan, remediation
 from shardwise.conditions import is_true, set_condition
 from shardwise.jobstatus import (
     FAILED,
@@ -47,6 +47,7 @@ from shardwise.resources.names import (
     API_VERSION,
     KIND,
     LABEL_ATTEMPT,
+    LABEL_JOB,
     LABEL_NODE_RANK,
     configmap_name,
     pod_name,
@@ -78,11 +79,15 @@ class ClusterView:
     """Read access to the operator's watch caches (kopf indexes): no API calls."""
 
     job: Callable[[JobKey], dict[str, Any] | None]
+    jobs: Callable[[], list[dict[str, Any]]]
     nodes: Callable[[], list[dict[str, Any]]]
-    bound_pods: Callable[[], list[dict[str, Any]]]
+    # Live pods: bound ones hold GPUs on their node, unbound ones that request GPUs hold a claim.
+    live_pods: Callable[[], list[dict[str, Any]]]
     job_pods: Callable[[JobKey], list[dict[str, Any]]]
     # The job's ConfigMaps and Services as the watch last saw them (kind, name, controller uid).
     job_children: Callable[[JobKey], list[dict[str, Any]]]
+    # PriorityClass name -> value, and the globalDefault class's value (0 without one).
+    priority_classes: Callable[[], tuple[dict[str, int], int]] = lambda: ({}, 0)
 
 
 def _version(obj: dict[str, Any]) -> int:
@@ -129,6 +134,27 @@ class Reconciler:
     # The job as our last status write returned it: the watch cache may not have caught up yet,
     # and a pass that read an older status (an older attempt) would undo its own decisions.
     written: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+    # A status a pass decided but has not written yet. Passes of different jobs interleave at
+    # every await, so a plan must count against the inventory from the moment it is made (the
+    # plan and this record happen with no await between them): no two jobs plan the same GPUs.
+    decided: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+
+    def all_jobs(self) -> list[dict[str, Any]]:
+        """Every job as this operator last knew it: cache, our newer writes, decisions not written."""
+        jobs: list[dict[str, Any]] = []
+        for cached in self.view.jobs():
+            key = gpu_queue.key_of(cached)
+            job = self._latest(key) or cached
+            if key in self.decided:
+                job = {**job, "status": self.decided[key]}
+            jobs.append(job)
+        return jobs
+
+    def priority(self, job: Mapping[str, Any]) -> int:
+        """The value of the PriorityClass the job's pods name (the default class's when unnamed)."""
+        classes, default = self.view.priority_classes()
+        name = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("priorityClassName")
+        return classes.get(str(name), 0) if name else default
 
     def _latest(self, key: JobKey) -> dict[str, Any] | None:
         cached = self.view.job(key)
@@ -150,8 +176,11 @@ class Reconciler:
         # Read-only below but for status, which the pass deep-copies itself.
         job = {"apiVersion": API_VERSION, "kind": KIND, **job}
         pass_ = _Pass(self, job)
-        requeue = await pass_.run()
-        await pass_.commit()
+        try:
+            requeue = await pass_.run()
+            await pass_.commit()
+        finally:
+            self.decided.pop(key, None)
         if self.on_pass is not None:
             self.on_pass(key, str(job["metadata"].get("uid") or ""), pass_.status)
         return requeue
@@ -187,6 +216,7 @@ class _Pass:
             )  # fmt: skip
             if updated.get("metadata"):
                 self.r.written[self.key] = updated
+            self.r.decided.pop(self.key, None)
             self.log.info("status: phase %s, %s", self.status.get("phase"), self.status.get("message", ""))
         explicit = {e.reason for e in self.events}
         implied = [e for e in changed_events(self.written, self.status) if e.reason not in explicit]
@@ -277,6 +307,7 @@ class _Pass:
             self.status = with_plan(
                 self.status, outcome.layout_status, outcome.message, now=self.now, generation=self.generation
             )
+            self.r.decided[self.key] = self.status
             self.log.info("planned %s", outcome.layout_status.get("summary"))
             self._planned_outcome = outcome
 
@@ -684,24 +715,29 @@ class _Pass:
     # -- planning ------------------------------------------------------------------------------------
 
     def _eligible(self) -> tuple[list[inventory.NodeGpus], str]:
-        """Nodes that match the job's placement, with their free GPUs (its own pods excluded)."""
-        res = self.spec.get("resources") or {}
-        template_spec = (self.spec.get("template") or {}).get("spec") or {}
-        selector = {**(template_spec.get("nodeSelector") or {}), **(res.get("nodeSelector") or {})}
-        if res.get("gpuProduct"):
-            selector[inventory.LABEL_GPU_PRODUCT] = res["gpuProduct"]
-        gpu_resource = res.get("gpuResource") or "nvidia.com/gpu"
+        """Nodes that match the job's placement, with their free GPUs: its own pods excluded, what
+        other jobs' plans and other workloads' unbound pods hold set aside."""
+        where = gpu_queue.placement(self.spec)
         excluded = remediation.excluded_names(self.status)
+        all_nodes = self.r.view.nodes()
+        pods = self.r.view.live_pods()
+        claims = [
+            *gpu_queue.plan_claims(
+                self.r.all_jobs(), all_nodes, pods, gpu_resource=where.gpu_resource, skip=self.key
+            ),
+            *inventory.unbound_pod_claims(pods, gpu_resource=where.gpu_resource, skip_label=LABEL_JOB),
+        ]
         nodes = inventory.gpu_nodes(
-            [n for n in self.r.view.nodes() if (n.get("metadata") or {}).get("name") not in excluded],
-            self.r.view.bound_pods(),
-            gpu_resource=gpu_resource,
-            node_selector=selector,
-            tolerations=[*(template_spec.get("tolerations") or []), *(res.get("tolerations") or [])],
+            [n for n in all_nodes if (n.get("metadata") or {}).get("name") not in excluded],
+            pods,
+            gpu_resource=where.gpu_resource,
+            node_selector=where.selector,
+            tolerations=where.tolerations,
             exclude_job=self.meta["name"],
             exclude_namespace=self.meta["namespace"],
+            claims=claims,
         )
-        return nodes, gpu_resource
+        return nodes, where.gpu_resource
 
     def _shape(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
         nodes, gpu_resource = self._eligible()
@@ -720,6 +756,10 @@ class _Pass:
             gpus = count * per
         correction = oom_replan.current_correction(self.status)
         held = checkpoint_shards(self.status)  # a re-plan keeps the checkpoint's TP / PP
+        if not pins:
+            queued = self._queued(count, per, gpus)
+            if queued is not None:
+                return queued
         try:
             shape = self._shape(count, per, gpus)
         except inventory.InventoryError as exc:
@@ -736,6 +776,23 @@ class _Pass:
                 self.events.append(Event("Warning", "Replanned", f"{lost}: {outcome.message}"))
             return outcome
         return plan_job(self.spec, shape, pins, memory_correction=correction, checkpoint_shards=held)
+
+    def _queued(self, count: int | None, per: int | None, gpus: int | None) -> PlanOutcome | None:
+        """FIFO within PriorityClass order: a job waits while an earlier one waits for its nodes."""
+        jobs = self.r.all_jobs()
+        ahead = gpu_queue.ahead_in_queue(self.job, jobs, self.r.view.nodes(), self.r.priority)
+        if not ahead:
+            return None
+        nodes, gpu_resource = self._eligible()
+        want = gpus or (count or 0) * (per or 0)
+        needed = f"needs {want}" if want else f"needs {count} node(s)"
+        more = f" and {len(ahead) - 1} more" if len(ahead) > 1 else ""
+        message = (
+            f"{sum(n.free for n in nodes)} {gpu_resource} free on the matching nodes, the job {needed};"
+            f" waiting in the queue behind {ahead[0][0]}/{ahead[0][1]}{more}, which come first"
+            " (PriorityClass value, then creation time) and wait for the same nodes"
+        )
+        return PlanOutcome(False, "InsufficientGpus", message)
 
     def _fewer(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
         """After losing nodes: the same GPUs per node on fewer nodes, or else a smaller total."""

@@ -1,0 +1,148 @@
+"""Competition without a batch scheduler: 20 jobs of 16 GPUs created at once on 32 GPUs.
+
+Four tainted KWOK nodes x 8 GPUs that only these jobs tolerate. The test samples the pods while
+the jobs run and ends each gang with exit code 0 as soon as all its pods run (KWOK runs nothing):
+never more than 32 GPUs requested by bound pods, no partial gang bound for longer than one
+reconcile, exactly two jobs at a time, all 20 finished in creation order.
+
+The figures go to benchmarks/results/competition.md (no assertion on timings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.jobs import Kubectl, condition_is, job_manifest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results" / "competition.md"
+JOBS = 20
+NODES = 4
+GPUS_PER_NODE = 8
+TAINT_KEY = "shardwise.dev/competition"
+# "One reconcile": a gang's pods are created in one pass and bound by the scheduler within a
+# moment; a gang still partly bound after the operator's requeue of a starting job would be a
+# double booking the scheduler could not resolve.
+PARTIAL_LIMIT_SECONDS = 15.0
+TIMEOUT = 600.0
+
+
+def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
+    cluster: Any, kubectl: Kubectl, operator: Any, namespace: str
+) -> None:
+    nodes = cluster.add_gpu_nodes(NODES, gpus_per_node=GPUS_PER_NODE, prefix=f"compete-{namespace}")
+    kubectl("label", "node", *nodes, f"pool={namespace}")
+    kubectl("taint", "nodes", *nodes, f"{TAINT_KEY}=true:NoSchedule", "--overwrite")
+    names = [f"job-{i:02d}" for i in range(JOBS)]
+    manifests = []
+    for name in names:
+        manifest = job_manifest(
+            name,
+            namespace,
+            resources={
+                "nodes": 2,
+                "gpusPerNode": GPUS_PER_NODE,
+                "nodeSelector": {"pool": namespace},
+                "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        )
+        manifests.append(manifest)
+    started = time.monotonic()
+    # One request per job in name order: creation order is name order (creationTimestamps have
+    # one-second resolution; the queue breaks their ties by name).
+    kubectl("create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
+
+    max_bound_gpus = 0
+    max_concurrent = 0
+    partial_since: dict[str, float] = {}
+    longest_partial = 0.0
+    start_order: list[str] = []
+    finish_order: list[str] = []
+    ended: set[str] = set()
+    waiting_messages: set[str] = set()
+    samples = 0
+    while len(finish_order) < JOBS:
+        assert time.monotonic() - started < TIMEOUT, f"only {finish_order} finished in {TIMEOUT}s"
+        now = time.monotonic()
+        pods = kubectl.json("get", "pods", "-n", namespace)["items"]
+        samples += 1
+        bound: dict[str, list[dict[str, Any]]] = {}
+        for pod in pods:
+            if pod["spec"].get("nodeName") and pod["status"].get("phase") not in ("Succeeded", "Failed"):
+                bound.setdefault(pod["metadata"]["labels"]["shardwise.dev/job-name"], []).append(pod)
+        gpus = sum(
+            int(c["resources"]["limits"]["nvidia.com/gpu"])
+            for ps in bound.values()
+            for p in ps
+            for c in p["spec"]["containers"]
+        )
+        max_bound_gpus = max(max_bound_gpus, gpus)
+        max_concurrent = max(max_concurrent, len(bound))
+        assert gpus <= NODES * GPUS_PER_NODE, f"{gpus} GPUs requested by bound pods: {sorted(bound)}"
+        assert len(bound) <= 2, f"more than two jobs hold GPUs: {sorted(bound)}"
+        for name, ps in bound.items():
+            if name not in start_order:
+                start_order.append(name)
+            if len(ps) < 2:
+                partial_since.setdefault(name, now)
+                longest_partial = max(longest_partial, now - partial_since[name])
+                assert now - partial_since[name] < PARTIAL_LIMIT_SECONDS, f"{name}: partial gang {ps}"
+            else:
+                partial_since.pop(name, None)
+                if name not in ended and all(p["status"].get("phase") == "Running" for p in ps):
+                    for p in ps:
+                        kubectl.exit_pod(namespace, p["metadata"]["name"], 0)
+                    ended.add(name)
+        for name in sorted(ended - set(finish_order)):
+            job = kubectl.job(namespace, name)
+            if condition_is(job, "Succeeded", "True"):
+                finish_order.append(name)
+        if samples % 10 == 1:
+            for name in names:
+                if name not in start_order:
+                    job = kubectl.job(namespace, name)
+                    if condition_is(job, "Planned", "False", "InsufficientGpus"):
+                        waiting_messages.add(job["status"]["message"])
+                    break
+        time.sleep(0.2)
+    wall = time.monotonic() - started
+
+    assert start_order == names, start_order
+    assert finish_order == names, finish_order
+    assert max_concurrent == 2
+    assert waiting_messages, "no waiting job ever said why it waits"
+    assert all("free" in m and "needs 16" in m for m in waiting_messages), waiting_messages
+
+    lines = [
+        "# Competition without a batch scheduler",
+        "",
+        "`tests/integration/test_competition.py`: 20 ParallelTrainingJobs of 2 nodes x 8 GPUs created",
+        "at once (one `kubectl create` of a List) on 4 KWOK nodes x 8 GPUs (32 GPUs), operator and",
+        "control plane on this machine; the test ends each gang (exit code 0) once all its pods run.",
+        "Figures, not thresholds.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| jobs | {JOBS} x 16 GPUs on {NODES * GPUS_PER_NODE} GPUs |",
+        f"| samples of the pods (every ~0.2 s plus the kubectl call) | {samples} |",
+        f"| most GPUs requested by bound pods at once | {max_bound_gpus} |",
+        f"| most jobs with bound pods at once | {max_concurrent} |",
+        f"| longest partly bound gang seen | {longest_partial:.1f} s |",
+        f"| start order = creation order | {start_order == names} |",
+        f"| finish order = creation order | {finish_order == names} |",
+        f"| wall time, create to the 20th Succeeded | {wall:.1f} s ({wall / JOBS:.1f} s per job) |",
+        "",
+        "A waiting job's message, as `kubectl get ptj` shows it:",
+        "",
+        f"> {sorted(waiting_messages)[0]}",
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines))
+    kubectl("delete", "node", *nodes, "--wait=false")
