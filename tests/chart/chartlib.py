@@ -83,6 +83,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "pdb-max-unavailable": {"podDisruptionBudget": {"enabled": True}},
     "pdb-min-available": {"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}},
+    "network-policy": {"networkPolicy": {"enabled": True}},
     "bring-your-own-sa-and-rbac": {
         "serviceAccount": {"create": False, "name": "platform-operator"},
         "rbac": {"create": False},
@@ -157,6 +158,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "annotations": {},
         },
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1, "minAvailable": None},
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ],
+            "apiServer": {"cidrs": ["10.0.0.1/32", "fd00::1/128"], "ports": [6443]},
+            "trainerStatsPort": 9500,
+        },
     },
 }
 

@@ -435,6 +435,48 @@ def test_pdb_variants(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert "PodDisruptionBudget" not in kinds(rendered["default"])
 
 
+def test_network_policy_admits_only_metrics_in_and_the_api_server_and_trainer_stats_out(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    assert "NetworkPolicy" not in kinds(rendered["default"])
+    (policy,) = kinds(rendered["network-policy"])["NetworkPolicy"]
+    pod_labels = _deployment(rendered["network-policy"])["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    api, trainers = policy["spec"]["egress"]
+    assert api == {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+    assert trainers == {
+        "ports": [{"protocol": "TCP", "port": 9400}],
+        "to": [
+            {
+                "podSelector": {
+                    "matchExpressions": [{"key": "shardwise.dev/job-name", "operator": "Exists"}]
+                },
+                "namespaceSelector": {},
+            }
+        ],
+    }
+
+    (policy,) = kinds(rendered["everything"])["NetworkPolicy"]
+    assert policy["spec"]["ingress"] == [
+        {
+            "ports": [{"protocol": "TCP", "port": 9090}],
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        }
+    ]
+    api, trainers = policy["spec"]["egress"]
+    assert api == {
+        "ports": [{"protocol": "TCP", "port": 6443}],
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "fd00::1/128"}}],
+    }
+    assert trainers["ports"] == [{"protocol": "TCP", "port": 9500}]
+    # Watching one namespace, the operator scrapes trainer pods only there.
+    assert trainers["to"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "team-b"}
+    }
+
+
 def test_everything_flipped_reaches_the_manifests(rendered: dict[str, list[dict[str, Any]]]) -> None:
     manifests = rendered["everything"]
     by_kind = kinds(manifests)
@@ -478,6 +520,7 @@ def test_everything_flipped_reaches_the_manifests(rendered: dict[str, list[dict[
         "ServiceMonitor",
         "PrometheusRule",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "Role",
         "RoleBinding",
     } <= by_kind.keys()
