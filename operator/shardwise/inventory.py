@@ -248,6 +248,13 @@ def _describe(nodes: list[NodeGpus]) -> str:
     return shown + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")
 
 
+def describe_request(gpus: int | None, node_count: int | None, gpus_per_node: int | None) -> str:
+    """What a job asks for, as its messages say it: `2 nodes × 8 GPUs`, `16 GPUs`, `2 nodes`."""
+    if node_count and gpus_per_node:
+        return f"{node_count} nodes × {gpus_per_node} GPUs"
+    return f"{gpus} GPUs" if gpus else f"{node_count} nodes"
+
+
 def choose_shape(
     nodes: list[NodeGpus],
     *,
@@ -299,13 +306,7 @@ def choose_shape(
                     node_names=tuple(n.name for n in chosen),
                 )
 
-    want = (
-        f"{node_count} nodes × {gpus_per_node} GPUs"
-        if node_count and gpus_per_node
-        else f"{gpus} GPUs"
-        if gpus
-        else f"{node_count} nodes"
-    )
+    want = describe_request(gpus, node_count, gpus_per_node)
     total_free = sum(n.free for n in nodes)
     raise InventoryError(
         "InsufficientGpus",

@@ -3,7 +3,9 @@
 Four tainted KWOK nodes x 8 GPUs that only these jobs tolerate. The test samples the pods while
 the jobs run and ends each gang with exit code 0 as soon as all its pods run (KWOK runs nothing):
 never more than 32 GPUs requested by bound pods, no partial gang bound for longer than one
-reconcile, exactly two jobs at a time, all 20 finished in creation order.
+reconcile, exactly two jobs at a time, all 20 finished in creation order. Sampling is enough:
+a job's pods stay bound until the test itself ends them, so no job can start, double-book and
+finish between two samples unseen.
 
 The figures go to benchmarks/results/competition.md (no assertion on timings).
 """
@@ -31,6 +33,12 @@ TAINT_KEY = "shardwise.dev/competition"
 # double booking the scheduler could not resolve.
 PARTIAL_LIMIT_SECONDS = 15.0
 TIMEOUT = 600.0
+
+
+def _examples(messages: set[str]) -> list[str]:
+    head = [m for m in sorted(messages) if "waiting in the queue" not in m]
+    behind = [m for m in sorted(messages) if "waiting in the queue" in m]
+    return head[:1] + behind[:1]
 
 
 def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
@@ -104,12 +112,9 @@ def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
             if condition_is(job, "Succeeded", "True"):
                 finish_order.append(name)
         if samples % 10 == 1:
-            for name in names:
-                if name not in start_order:
-                    job = kubectl.job(namespace, name)
-                    if condition_is(job, "Planned", "False", "InsufficientGpus"):
-                        waiting_messages.add(job["status"]["message"])
-                    break
+            for job in kubectl.json("get", "ptj", "-n", namespace)["items"]:
+                if condition_is(job, "Planned", "False", "InsufficientGpus"):
+                    waiting_messages.add(job["status"]["message"])
         time.sleep(0.2)
     wall = time.monotonic() - started
 
@@ -117,7 +122,9 @@ def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
     assert finish_order == names, finish_order
     assert max_concurrent == 2
     assert waiting_messages, "no waiting job ever said why it waits"
-    assert all("free" in m and "needs 16" in m for m in waiting_messages), waiting_messages
+    assert all("the job needs 2 nodes × 8 GPUs but the matching nodes have" in m for m in waiting_messages), (
+        waiting_messages
+    )
 
     lines = [
         "# Competition without a batch scheduler",
@@ -130,7 +137,7 @@ def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
         "| figure | value |",
         "|---|---|",
         f"| jobs | {JOBS} x 16 GPUs on {NODES * GPUS_PER_NODE} GPUs |",
-        f"| samples of the pods (every ~0.2 s plus the kubectl call) | {samples} |",
+        f"| samples of the pods (kubectl, 0.2 s apart) | {samples}, one per {wall / samples:.1f} s |",
         f"| most GPUs requested by bound pods at once | {max_bound_gpus} |",
         f"| most jobs with bound pods at once | {max_concurrent} |",
         f"| longest partly bound gang seen | {longest_partial:.1f} s |",
@@ -138,10 +145,10 @@ def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
         f"| finish order = creation order | {finish_order == names} |",
         f"| wall time, create to the 20th Succeeded | {wall:.1f} s ({wall / JOBS:.1f} s per job) |",
         "",
-        "A waiting job's message, as `kubectl get ptj` shows it:",
+        "Waiting jobs' messages (`Planned=False`, `InsufficientGpus`), the head of the queue and one",
+        "behind it:",
         "",
-        f"> {sorted(waiting_messages)[0]}",
-        "",
+        *(f"> {m}\n" for m in _examples(waiting_messages)),
     ]
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))

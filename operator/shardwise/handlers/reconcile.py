@@ -784,11 +784,10 @@ class _Pass:
         if not ahead:
             return None
         nodes, gpu_resource = self._eligible()
-        want = gpus or (count or 0) * (per or 0)
-        needed = f"needs {want}" if want else f"needs {count} node(s)"
         more = f" and {len(ahead) - 1} more" if len(ahead) > 1 else ""
         message = (
-            f"{sum(n.free for n in nodes)} {gpu_resource} free on the matching nodes, the job {needed};"
+            f"the job needs {inventory.describe_request(gpus, count, per)} but the matching nodes have"
+            f" {sum(n.free for n in nodes)} free {gpu_resource};"
             f" waiting in the queue behind {ahead[0][0]}/{ahead[0][1]}{more}, which come first"
             " (PriorityClass value, then creation time) and wait for the same nodes"
         )
