@@ -104,8 +104,9 @@ def _uninstall(cluster: Any, helm_bin: str, release: Release) -> None:
 def release(cluster: Any, helm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     namespace = _restricted_namespace(cluster, "sw-chart")
     installed = _install(
-        cluster, helm_bin, tmp_path_factory.mktemp("chart"), RELEASE, namespace=namespace, values={}
-    )
+        cluster, helm_bin, tmp_path_factory.mktemp("chart"), RELEASE, namespace=namespace,
+        values={"networkPolicy": {"enabled": True}},
+    )  # fmt: skip
     try:
         yield installed
     finally:
@@ -245,6 +246,10 @@ def test_install_creates_the_crd_rbac_deployment_and_services(cluster: Any, rele
     )["items"]
     assert sorted(k for m in maps for k in m["data"]) == dashboards
 
+    policy = cluster.kubectl_json("get", "networkpolicy", release.name, "-n", ns)
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [8080]
+
 
 def test_service_account_has_exactly_the_intended_permissions(cluster: Any, release: Release) -> None:
     kubeconfig = cluster.service_account_kubeconfig(release.namespace, release.service_account, create=False)
@@ -310,7 +315,7 @@ def test_every_switch_flipped_is_accepted_by_the_api_server(
         for m in render(helm_bin, values, namespace=job_namespace, tmp_path=tmp_path)
         if m["kind"] not in {"ServiceMonitor", "PrometheusRule", "CustomResourceDefinition"}
     ]
-    assert {"Deployment", "Role", "ClusterRole", "PodDisruptionBudget", "Service"} <= {
+    assert {"Deployment", "Role", "ClusterRole", "PodDisruptionBudget", "NetworkPolicy", "Service"} <= {
         m["kind"] for m in manifests
     }
     out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(manifests))
