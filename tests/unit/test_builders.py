@@ -448,3 +448,19 @@ def test_a_template_mount_on_a_shardwise_mount_path_is_refused() -> None:
     ]
     with pytest.raises(TemplateError, match="mounts /shardwise/output"):
         build_pod(doc, SHAPE, 0)
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_node", "template_requests", "cpu"),
+    [(8, {}, "8"), (2, {}, "2"), (8, {"cpu": "500m"}, "500m")],
+)
+def test_pods_request_a_cpu_per_local_rank(
+    gpus_per_node: int, template_requests: dict[str, str], cpu: str
+) -> None:
+    j = job()
+    if template_requests:
+        j["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": dict(template_requests)}
+    pod = build_pod(j, PodShape(nodes=2, gpus_per_node=gpus_per_node, attempt=0), 0)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == cpu
+    assert "cpu" not in resources["limits"]  # a limit would throttle the workers: none is set

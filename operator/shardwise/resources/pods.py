@@ -264,6 +264,10 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
         # Offloaded optimizer states / parameters live in host memory: without a request the pod
         # is BestEffort and lands on a node that cannot hold them (the template's own request wins).
         res["requests"]["memory"] = str(shape.host_memory_bytes)
+    if "cpu" not in res["requests"]:
+        # torchrun runs one worker process per GPU, each busy on a core: without a request the
+        # scheduler may pack the gang onto nodes whose CPUs are taken (the template's own wins).
+        res["requests"]["cpu"] = gpus
 
     ports = container.setdefault("ports", [])
     known = {p.get("containerPort") for p in ports}
