@@ -476,6 +476,13 @@ def add_operator_command(subparsers: Any) -> None:
         help="least seconds between two status.progress writes of one job (1-3600, default "
         f"{DEFAULT_PROGRESS_INTERVAL_SECONDS:.0f})",
     )
+    p.add_argument(
+        "--topology-label",
+        default="nvidia.com/gpu.clique",
+        metavar="LABEL",
+        help="node label naming each node's NVLink domain: a job's pods prefer one domain when "
+        "nodes carry it (default nvidia.com/gpu.clique, GPU Feature Discovery's; empty disables)",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=run_operator_command)
 
@@ -502,6 +509,7 @@ def run_operator_command(args: argparse.Namespace, out: TextIO) -> int:
         restart_backoff_seconds=args.restart_backoff_seconds,
         stats_max_bytes=args.stats_max_bytes,
         progress_interval=args.progress_interval,
+        topology_label=args.topology_label,
     )
     return EXIT_OK
 

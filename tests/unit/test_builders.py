@@ -464,3 +464,31 @@ def test_pods_request_a_cpu_per_local_rank(
     resources = pod["spec"]["containers"][0]["resources"]
     assert resources["requests"]["cpu"] == cpu
     assert "cpu" not in resources["limits"]  # a limit would throttle the workers: none is set
+
+
+@pytest.mark.parametrize("key", [None, "nvidia.com/gpu.clique", "example.com/nvlink-domain"])
+def test_pods_prefer_one_nvlink_domain_when_nodes_name_it(key: str | None) -> None:
+    pod = build_pod(job(), PodShape(nodes=4, gpus_per_node=8, attempt=0, topology_key=key), 1)
+    affinity = pod["spec"]["affinity"]
+    if key is None:
+        assert "podAffinity" not in affinity
+        return
+    assert affinity["podAffinity"] == {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {
+                        "matchLabels": {
+                            "shardwise.dev/job-name": pod["metadata"]["labels"]["shardwise.dev/job-name"]
+                        }
+                    },
+                    "topologyKey": key,
+                },
+            }
+        ]
+    }
+    # One pod per node still holds.
+    assert affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+        "topologyKey"
+    ] == ("kubernetes.io/hostname")

@@ -54,6 +54,7 @@ class Controller:
     kubeconfig: str | None = None
     workers: int = 8
     restart_backoff_seconds: float = 10.0
+    topology_label: str = "nvidia.com/gpu.clique"
     stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
@@ -104,6 +105,7 @@ class Controller:
             self.view(),
             on_pass=self._observed,
             restart_backoff_seconds=self.restart_backoff_seconds,
+            topology_label=self.topology_label,
             findings=self.monitor.conditions,
             checkpoints=self.monitor.checkpoint,
             progress=self.monitor.progress,

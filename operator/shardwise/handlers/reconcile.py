@@ -125,6 +125,8 @@ class Reconciler:
     # Called with (key, the job's uid, the status the pass left).
     on_pass: Callable[[JobKey, str, dict[str, Any]], None] | None = None
     restart_backoff_seconds: float = 10.0
+    # Node label of the NVLink domain; pods prefer one domain when nodes carry it ("" disables).
+    topology_label: str = "nvidia.com/gpu.clique"
     # The monitor's latest StragglerDetected / MemoryImbalanced findings for a running job.
     findings: Callable[[JobKey], tuple[ConditionValue, ...]] | None = None
     # The newest complete checkpoint (step, unix time) the monitor scraped from the trainer.
@@ -331,6 +333,7 @@ class _Pass:
             excluded_nodes=tuple(sorted(remediation.excluded_names(self.status))),
             gpu_product=layout.get("gpuProduct") or None,
             host_memory_bytes=int(layout.get("hostMemoryBytes") or 0),
+            topology_key=self._topology_key(),
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 
@@ -738,6 +741,19 @@ class _Pass:
             claims=claims,
         )
         return nodes, where.gpu_resource
+
+    def _topology_key(self) -> str | None:
+        """The NVLink-domain label, when any node the job could use carries it."""
+        label = self.r.topology_label
+        if not label:
+            return None
+        where = gpu_queue.placement(self.spec)
+        usable = gpu_queue.eligible_names(self.r.view.nodes(), where)
+        for node in self.r.view.nodes():
+            meta = node.get("metadata") or {}
+            if meta.get("name") in usable and label in (meta.get("labels") or {}):
+                return label
+        return None
 
     def _shape(self, count: int | None, per: int | None, gpus: int | None) -> inventory.Shape:
         nodes, gpu_resource = self._eligible()

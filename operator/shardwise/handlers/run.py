@@ -56,6 +56,7 @@ def run_operator(
     restart_backoff_seconds: float = 10.0,
     stats_max_bytes: int = DEFAULT_STATS_MAX_BYTES,
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    topology_label: str = "nvidia.com/gpu.clique",
 ) -> None:
     """Run until interrupted; watches all namespaces unless some are given."""
     if kubeconfig:
@@ -67,6 +68,7 @@ def run_operator(
     app.CONTROLLER.restart_backoff_seconds = restart_backoff_seconds
     app.CONTROLLER.stats_max_bytes = stats_max_bytes
     app.CONTROLLER.progress_interval = progress_interval
+    app.CONTROLLER.topology_label = topology_label
     if metrics_port:
         serve_metrics(metrics_address, metrics_port)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)

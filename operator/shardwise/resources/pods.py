@@ -77,6 +77,8 @@ class PodShape:
     gpu_product: str | None = None
     #: Host memory one node's ranks need per the plan (status.layout.hostMemoryBytes): requested.
     host_memory_bytes: int = 0
+    #: Node label naming each node's NVLink domain (e.g. nvidia.com/gpu.clique), when nodes carry it.
+    topology_key: str | None = None
 
 
 def rendezvous_id(job: dict[str, Any], attempt: int) -> str:
@@ -313,6 +315,21 @@ def build_pod(job: dict[str, Any], shape: PodShape, node_rank: int) -> dict[str,
         }
     )
 
+    if shape.topology_key:
+        # Traffic between nodes is cheapest inside one NVLink domain (a multi-node NVLink rack):
+        # the gang packs into one domain when the scheduler can, and spreads over several only
+        # when it must. Tensor parallelism never leaves a node in any plan.
+        affinity.setdefault("podAffinity", {}).setdefault(
+            "preferredDuringSchedulingIgnoredDuringExecution", []
+        ).append(
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {LABEL_JOB: name}},
+                    "topologyKey": shape.topology_key,
+                },
+            }
+        )
     if shape.excluded_nodes:
         _avoid_nodes(affinity, shape.excluded_nodes)
     if shape.gpu_product and "nvidia.com/gpu.product" not in node_selector:
