@@ -7,6 +7,7 @@ then creationTimestamp) waits for any of the same nodes. Input is plain job, nod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -96,6 +97,21 @@ def eligible_names(nodes: Iterable[Mapping[str, Any]], where: Placement) -> froz
     return frozenset(n.name for n in found)
 
 
+class _EligibleCache:
+    """eligible_names once per distinct placement: most jobs of a cluster ask for the same nodes,
+    and a pass looks at every other job."""
+
+    def __init__(self, nodes: Sequence[Mapping[str, Any]]) -> None:
+        self.nodes = nodes
+        self.seen: dict[str, frozenset[str]] = {}
+
+    def __call__(self, where: Placement) -> frozenset[str]:
+        key = json.dumps([where.selector, where.tolerations, where.gpu_resource], sort_keys=True, default=str)
+        if key not in self.seen:
+            self.seen[key] = eligible_names(self.nodes, where)
+        return self.seen[key]
+
+
 def plan_claims(
     jobs: Iterable[Mapping[str, Any]],
     nodes: Sequence[Mapping[str, Any]],
@@ -114,6 +130,7 @@ def plan_claims(
         if job_name and node and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             bound.setdefault((str(meta.get("namespace")), str(job_name)), set()).add(str(node))
     claims: list[inventory.Claim] = []
+    eligible = _EligibleCache(nodes)
     for job in jobs:
         key = key_of(job)
         if key == skip or not holds_plan(job):
@@ -125,7 +142,7 @@ def plan_claims(
         on = bound.get(key, set())
         missing = int(layout.get("nodes") or 0) - len(on)
         if missing > 0:
-            allowed = eligible_names(nodes, where) - remediation.excluded_names(job.get("status") or {})
+            allowed = eligible(where) - remediation.excluded_names(job.get("status") or {})
             claims.append(
                 inventory.Claim(
                     pods=missing,
@@ -144,13 +161,14 @@ def ahead_in_queue(
     priority: Callable[[Mapping[str, Any]], int],
 ) -> list[JobKey]:
     """Jobs waiting for GPUs that come before this one and could use any of its nodes, in order."""
-    mine = eligible_names(nodes, placement(job.get("spec") or {}))
+    eligible = _EligibleCache(nodes)
+    mine = eligible(placement(job.get("spec") or {}))
     me = queue_order(job, priority(job))
     ahead: list[tuple[tuple[int, str, str, str], JobKey]] = []
     for other in jobs:
         if key_of(other) == key_of(job) or not waiting_for_gpus(other):
             continue
         order = queue_order(other, priority(other))
-        if order < me and mine & eligible_names(nodes, placement(other.get("spec") or {})):
+        if order < me and mine & eligible(placement(other.get("spec") or {})):
             ahead.append((order, key_of(other)))
     return [key for _, key in sorted(ahead)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -333,7 +334,6 @@ class _Pass:
             excluded_nodes=tuple(sorted(remediation.excluded_names(self.status))),
             gpu_product=layout.get("gpuProduct") or None,
             host_memory_bytes=int(layout.get("hostMemoryBytes") or 0),
-            topology_key=self._topology_key(),
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 
@@ -623,7 +623,9 @@ class _Pass:
         """Create the missing ranks; a rank the API server refuses fails the whole attempt."""
         try:
             await self._ensure_shared_children(self._planned_outcome)
-            built = [build_pod(self.job, shape, rank) for rank in summary.missing]
+            # Looked up only here: the only pass that needs it is one that creates pods.
+            placed = dataclasses.replace(shape, topology_key=self._topology_key())
+            built = [build_pod(self.job, placed, rank) for rank in summary.missing]
         except (TemplateError, ChildConflictError) as exc:
             return self._child_failure(exc)
         results = await asyncio.gather(
