@@ -108,10 +108,19 @@ def reserve(free: dict[str, int], claims: Iterable[Claim]) -> dict[str, int]:
 
 
 def unbound_pod_claims(
-    pods: Iterable[Mapping[str, Any]], *, gpu_resource: str, skip_label: str
+    pods: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    *,
+    gpu_resource: str,
+    skip_label: str,
 ) -> list[Claim]:
     """Claims of live, not yet bound pods that request GPUs, except those labelled skip_label
-    (shardwise's own pods, which their job's plan claims already)."""
+    (shardwise's own pods, which their job's plan claims already). A pod with a nodeSelector
+    claims only among the nodes it selects: one that can never be placed holds no GPUs."""
+    labels_of = {
+        str((n.get("metadata") or {}).get("name")): (n.get("metadata") or {}).get("labels") or {}
+        for n in nodes
+    }
     claims: list[Claim] = []
     for pod in pods:
         meta = pod.get("metadata") or {}
@@ -121,8 +130,17 @@ def unbound_pod_claims(
         if skip_label in (meta.get("labels") or {}):
             continue
         gpus = pod_gpu_request(pod, gpu_resource)
-        if gpus > 0:
-            claims.append(Claim(pods=1, gpus_per_node=gpus))
+        if gpus <= 0:
+            continue
+        selector = spec.get("nodeSelector") or {}
+        allowed = (
+            frozenset(
+                n for n, labels in labels_of.items() if all(labels.get(k) == v for k, v in selector.items())
+            )
+            if selector
+            else None
+        )
+        claims.append(Claim(pods=1, gpus_per_node=gpus, nodes=allowed))
     return claims
 
 

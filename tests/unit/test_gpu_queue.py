@@ -80,10 +80,18 @@ def test_unbound_pods_of_other_workloads_are_claims_and_shardwise_pods_are_not()
     del ours["spec"]["nodeName"]
     bound = pod("n1", 2)
     done = pod("", 8, phase="Succeeded")
+    selective = pod("", 8)
+    del selective["spec"]["nodeName"]
+    selective["spec"]["nodeSelector"] = {"pool": "y"}
+    nodes = [node("a", labels={"pool": "x"}), node("b", labels={"pool": "y"})]
     claims = unbound_pod_claims(
-        [foreign, ours, bound, done], gpu_resource="nvidia.com/gpu", skip_label="shardwise.dev/job-name"
+        [foreign, ours, bound, done, selective],
+        nodes,
+        gpu_resource="nvidia.com/gpu",
+        skip_label="shardwise.dev/job-name",
     )
-    assert claims == [Claim(1, 4)]
+    # A pod with a nodeSelector claims only among its nodes (none: it can never bind).
+    assert claims == [Claim(1, 4), Claim(1, 8, nodes=frozenset({"b"}))]
 
 
 def test_the_inventory_subtracts_claims_and_places_them_over_every_gpu_node() -> None:

@@ -283,6 +283,7 @@ async def shardwise_live_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
             },
             "spec": {
                 "nodeName": body["spec"].get("nodeName"),
+                "nodeSelector": dict(body["spec"].get("nodeSelector") or {}),
                 "containers": [
                     {"resources": copy.deepcopy(c.get("resources") or {})}
                     for c in body["spec"].get("containers") or []

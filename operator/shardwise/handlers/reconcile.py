@@ -730,7 +730,9 @@ class _Pass:
             *gpu_queue.plan_claims(
                 self.r.all_jobs(), all_nodes, pods, gpu_resource=where.gpu_resource, skip=self.key
             ),
-            *inventory.unbound_pod_claims(pods, gpu_resource=where.gpu_resource, skip_label=LABEL_JOB),
+            *inventory.unbound_pod_claims(
+                pods, all_nodes, gpu_resource=where.gpu_resource, skip_label=LABEL_JOB
+            ),
         ]
         nodes = inventory.gpu_nodes(
             [n for n in all_nodes if (n.get("metadata") or {}).get("name") not in excluded],
