@@ -269,3 +269,35 @@ def test_in_a_mixed_cluster_the_pods_land_only_on_the_planned_gpu_product(
         "matchExpressions"
     ]
     kubectl("delete", "node", *h100, *a100, "--wait=false")
+
+
+def test_with_nvlink_domains_labelled_the_gang_shares_one_domain(
+    cluster: Any, kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    """Four nodes in two NVLink domains (nvidia.com/gpu.clique): a 2-node job's pods prefer one
+    domain, and the real scheduler puts both there."""
+    pool = namespace
+    nodes = cluster.add_gpu_nodes(4, gpus_per_node=8, prefix=f"clique-{pool}")
+    kubectl("label", "node", *nodes, f"pool={pool}")
+    kubectl("label", "node", *nodes[:2], "nvidia.com/gpu.clique=domain-a.0")
+    kubectl("label", "node", *nodes[2:], "nvidia.com/gpu.clique=domain-b.0")
+    kubectl.apply(
+        job_manifest(
+            "nvl", namespace, resources={"nodes": 2, "gpusPerNode": 8, "nodeSelector": {"pool": pool}}
+        )
+    )
+    running_pod(kubectl, namespace, "nvl", 0)
+    pods = wait_for(
+        "both pods bound",
+        lambda: (ps := kubectl.pods(namespace, "nvl")) and all(p["spec"].get("nodeName") for p in ps) and ps,
+        timeout=TIMEOUT,
+    )
+    for pod in pods:
+        [term] = pod["spec"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["topologyKey"] == "nvidia.com/gpu.clique"
+    domains = {
+        kubectl.json("get", "node", p["spec"]["nodeName"])["metadata"]["labels"]["nvidia.com/gpu.clique"]
+        for p in pods
+    }
+    assert len(domains) == 1, domains
+    kubectl("delete", "node", *nodes, "--wait=false")
