@@ -85,31 +85,46 @@ def queue_order(job: Mapping[str, Any], priority: int) -> tuple[int, str, str, s
     )
 
 
-def eligible_names(nodes: Iterable[Mapping[str, Any]], where: Placement) -> frozenset[str]:
-    """Names of the Ready, schedulable nodes offering GPUs that the placement allows."""
-    found = inventory.gpu_nodes(
-        nodes,
-        (),
-        gpu_resource=where.gpu_resource,
-        node_selector=where.selector,
-        tolerations=list(where.tolerations),
-    )
-    return frozenset(n.name for n in found)
-
-
 class _EligibleCache:
-    """eligible_names once per distinct placement: most jobs of a cluster ask for the same nodes,
-    and a pass looks at every other job."""
+    """The placement's GPU nodes (all GPUs counted free) once per distinct placement: most jobs of
+    a cluster ask for the same nodes, and a pass looks at every other job."""
 
     def __init__(self, nodes: Sequence[Mapping[str, Any]]) -> None:
         self.nodes = nodes
-        self.seen: dict[str, frozenset[str]] = {}
+        self.seen: dict[str, list[inventory.NodeGpus]] = {}
 
-    def __call__(self, where: Placement) -> frozenset[str]:
+    def gpu_nodes(self, where: Placement) -> list[inventory.NodeGpus]:
         key = json.dumps([where.selector, where.tolerations, where.gpu_resource], sort_keys=True, default=str)
         if key not in self.seen:
-            self.seen[key] = eligible_names(self.nodes, where)
+            self.seen[key] = inventory.gpu_nodes(
+                self.nodes,
+                (),
+                gpu_resource=where.gpu_resource,
+                node_selector=where.selector,
+                tolerations=list(where.tolerations),
+            )
         return self.seen[key]
+
+    def __call__(self, where: Placement) -> frozenset[str]:
+        return frozenset(n.name for n in self.gpu_nodes(where))
+
+
+def eligible_names(nodes: Sequence[Mapping[str, Any]], where: Placement) -> frozenset[str]:
+    """Names of the Ready, schedulable nodes offering GPUs that the placement allows."""
+    return _EligibleCache(nodes)(where)
+
+
+def could_ever_fit(spec: Mapping[str, Any], nodes: list[inventory.NodeGpus]) -> bool:
+    """The job's GPU request fits these nodes when nothing else runs: only such a job keeps its
+    place in the queue (one larger than its nodes waits for nodes, and holds no one up)."""
+    res = spec.get("resources") or {}
+    try:
+        inventory.choose_shape(
+            nodes, gpus=res.get("gpus"), node_count=res.get("nodes"), gpus_per_node=res.get("gpusPerNode")
+        )
+    except inventory.InventoryError:
+        return False
+    return True
 
 
 def plan_claims(
@@ -160,7 +175,8 @@ def ahead_in_queue(
     nodes: Sequence[Mapping[str, Any]],
     priority: Callable[[Mapping[str, Any]], int],
 ) -> list[JobKey]:
-    """Jobs waiting for GPUs that come before this one and could use any of its nodes, in order."""
+    """Jobs waiting for GPUs that come before this one, could use any of its nodes and would fit
+    them once GPUs free up, in queue order."""
     eligible = _EligibleCache(nodes)
     mine = eligible(placement(job.get("spec") or {}))
     me = queue_order(job, priority(job))
@@ -169,6 +185,9 @@ def ahead_in_queue(
         if key_of(other) == key_of(job) or not waiting_for_gpus(other):
             continue
         order = queue_order(other, priority(other))
-        if order < me and mine & eligible(placement(other.get("spec") or {})):
+        if order >= me:
+            continue
+        theirs = eligible.gpu_nodes(placement(other.get("spec") or {}))
+        if mine & {n.name for n in theirs} and could_ever_fit(other.get("spec") or {}, theirs):
             ahead.append((order, key_of(other)))
     return [key for _, key in sorted(ahead)]

@@ -162,7 +162,7 @@ def test_queue_order_is_priority_then_creation_then_name() -> None:
 
 
 def test_ahead_in_queue() -> None:
-    nodes = [node("x1", labels={"pool": "x"}), node("y1", labels={"pool": "y"})]
+    nodes = [node(n, labels={"pool": n[0]}) for n in ("x1", "x2", "y1", "y2")]
     values = {"high": 1000}
 
     def priority(j: Any) -> int:
@@ -178,6 +178,9 @@ def test_ahead_in_queue() -> None:
         job("elsewhere", "2026-12-07T09:00:00Z", pool="y", reason="InsufficientGpus"),
         job("running", "2026-12-07T09:00:00Z", pool="x", layout=TWO_BY_EIGHT),
         job("too-big", "2026-12-07T09:00:00Z", pool="x", reason="InsufficientGpuMemory"),
+        # Asks for more nodes than its pool has: waits for nodes, not in the line.
+        job("huge", "2026-12-07T09:00:00Z", pool="x", reason="InsufficientGpus"),
     ]
+    jobs[-1]["spec"]["resources"]["nodes"] = 8
     assert ahead_in_queue(me, jobs, nodes, priority) == [("ml", "urgent"), ("ml", "first"), ("ml", "older")]
     assert ahead_in_queue(jobs[2], jobs, nodes, priority) == [("ml", "urgent")]
