@@ -552,6 +552,9 @@ def operator_path(
     pod_shape = PodShape(
         nodes=shape.nodes, gpus_per_node=shape.gpus_per_node, attempt=3,
         gpu_resource=res.get("gpuResource") or "nvidia.com/gpu",
+        # what status.layout / status.excludedNodes add to the pods: the API server must accept it
+        excluded_nodes=("slow-a", "slow-b"), gpu_product=layout.get("gpuProduct"),
+        host_memory_bytes=int(layout.get("hostMemoryBytes") or 0),
     )  # fmt: skip
     children = [build_service(job), build_configmap(job, outcome.document)]
     try:

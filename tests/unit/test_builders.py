@@ -190,13 +190,17 @@ def test_placement_from_resources() -> None:
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"example.com/gpu": "8"}
 
 
-NOT_IN_BAD = {"key": "metadata.name", "operator": "NotIn", "values": ["gpu-3", "gpu-7"]}
+#: A node field selector takes exactly one value (the API server refuses more): one NotIn per node.
+NOT_IN_BAD = [
+    {"key": "metadata.name", "operator": "NotIn", "values": ["gpu-3"]},
+    {"key": "metadata.name", "operator": "NotIn", "values": ["gpu-7"]},
+]
 
 
 @pytest.mark.parametrize(
     ("affinity", "terms"),
     [
-        (None, [{"matchFields": [NOT_IN_BAD]}]),
+        (None, [{"matchFields": NOT_IN_BAD}]),
         # Terms are ORed: each of the user's own terms must keep the excluded nodes out.
         (
             {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -205,9 +209,9 @@ NOT_IN_BAD = {"key": "metadata.name", "operator": "NotIn", "values": ["gpu-3", "
             ]}}},
             [
                 {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}],
-                 "matchFields": [NOT_IN_BAD]},
+                 "matchFields": NOT_IN_BAD},
                 {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}],
-                 "matchFields": [NOT_IN_BAD]},
+                 "matchFields": NOT_IN_BAD},
             ],
         ),
     ],

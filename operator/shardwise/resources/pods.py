@@ -365,9 +365,11 @@ def _terms(affinity: dict[str, Any]) -> list[dict[str, Any]]:
 def _avoid_nodes(affinity: dict[str, Any], names: tuple[str, ...]) -> None:
     """Keep the pod off ``names``: node-selector terms are ORed, so every term of the template's own
     required node affinity gets the exclusion (one term with only it when there is none)."""
+    # A node field selector takes exactly one value per requirement (the API server refuses more):
+    # one NotIn per node, ANDed inside the term.
     for term in _terms(affinity):
-        term.setdefault("matchFields", []).append(
-            {"key": "metadata.name", "operator": "NotIn", "values": sorted(names)}
+        term.setdefault("matchFields", []).extend(
+            {"key": "metadata.name", "operator": "NotIn", "values": [name]} for name in sorted(names)
         )
 
 
