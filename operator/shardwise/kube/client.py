@@ -35,6 +35,13 @@ _PATHS: Final[dict[tuple[str, str], tuple[str, str]]] = {
         "/apis/shardwise.dev/v1alpha1",
         "paralleltrainingjobs",
     ),
+    # Kueue (only for jobs labelled kueue.x-k8s.io/queue-name).
+    ("kueue.x-k8s.io/v1beta2", "Workload"): ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): ("/apis/kueue.x-k8s.io/v1beta2", "resourceflavors"),
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): (
+        "/apis/kueue.x-k8s.io/v1beta2",
+        "workloadpriorityclasses",
+    ),
 }
 
 
