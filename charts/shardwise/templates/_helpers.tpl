@@ -74,6 +74,11 @@ The rules the operator needs on namespaced resources, wherever it watches. Every
 Services and ConfigMaps are never deleted by the operator: they go with their job through owner
 references (the garbage collector).
 No Secrets: the operator never reads or writes one.
+With kueue.enabled (jobs labelled kueue.x-k8s.io/queue-name):
+  workloads                   create, get   the job's Workload (owner reference to the job, so the
+                                            garbage collector deletes it), read every pass while queued
+  workloads/status            patch         Finished when the job ends (Kueue releases the quota);
+                                            admission cleared after an eviction's pods are gone
 */}}
 {{- define "shardwise.namespacedRules" -}}
 - apiGroups: ["shardwise.dev"]
@@ -91,6 +96,14 @@ No Secrets: the operator never reads or writes one.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["create", "get"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
+{{- end }}
 {{- end }}
 
 {{/*
@@ -99,6 +112,8 @@ Cluster-scoped rules, needed in both modes:
   customresourcedefinitions  list, watch   kopf's resource observation: it notices the CRD being
                                            (re)installed while it runs; without it kopf logs a
                                            warning and only scans the API at startup
+  resourceflavors, workloadpriorityclasses  get   (kueue.enabled) the admitted flavor's node labels
+                                           and tolerations; the priority of the job's Workload
 */}}
 {{- define "shardwise.clusterRules" -}}
 - apiGroups: [""]
@@ -107,4 +122,9 @@ Cluster-scoped rules, needed in both modes:
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["resourceflavors", "workloadpriorityclasses"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
