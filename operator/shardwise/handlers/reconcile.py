@@ -42,7 +42,7 @@ from shardwise.metrics.condition_values import STRAGGLER_DETECTED
 from shardwise.metrics.progress import finished_progress
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
-from shardwise.resources import kueue
+from shardwise.resources import kueue, podgroup
 from shardwise.resources.configmap import build_configmap
 from shardwise.resources.names import (
     API_VERSION,
@@ -703,9 +703,15 @@ class _Pass:
         self, shape: PodShape, summary: PodsSummary, pods: list[dict[str, Any]]
     ) -> Stop | None:
         """Create the missing ranks; a rank the API server refuses fails the whole attempt."""
+        gang = podgroup.gang_spec(self.job)
         try:
             await self._ensure_shared_children(self._planned_outcome)
             built = [build_pod(self.job, shape, rank) for rank in summary.missing]
+            if gang is not None:
+                # The group first: a gang scheduler holds member pods until minMember are placeable.
+                gpus = {shape.gpu_resource: str(shape.nodes * shape.gpus_per_node)}
+                await ensure(self.r.kube, podgroup.build_podgroup(self.job, gang, shape.nodes, gpus))
+                built = [podgroup.with_gang(pod, self.key[1], gang) for pod in built]
         except (TemplateError, ChildConflictError) as exc:
             return self._child_failure(exc)
         results = await asyncio.gather(
