@@ -70,6 +70,11 @@ KUEUE_NAMESPACED: frozenset[tuple[str, str]] = frozenset(
         ("workloads.kueue.x-k8s.io/status", "patch"),
     }
 )
+GANG_NAMESPACED: frozenset[tuple[str, str]] = frozenset(
+    (f"podgroups.{group}", verb)
+    for group in ("scheduling.x-k8s.io", "scheduling.volcano.sh")
+    for verb in ("create", "get", "patch")
+)
 KUEUE_CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset(
     {
         ("resourceflavors.kueue.x-k8s.io", "get"),
@@ -95,6 +100,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "pdb-max-unavailable": {"podDisruptionBudget": {"enabled": True}},
     "kueue": {"kueue": {"enabled": True}},
+    "gang": {"gangScheduling": {"coscheduling": True, "volcano": True}},
     "kueue-single-namespace": {"kueue": {"enabled": True}, "watchNamespace": "team-a"},
     "pdb-min-available": {"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}},
     "bring-your-own-sa-and-rbac": {

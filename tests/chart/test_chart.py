@@ -21,6 +21,7 @@ import yaml
 from tests.chart.chartlib import (
     CHART,
     CLUSTER_WIDE,
+    GANG_NAMESPACED,
     KUEUE_CLUSTER_SCOPED,
     KUEUE_NAMESPACED,
     NAMESPACED_PERMISSIONS,
@@ -296,6 +297,11 @@ def test_kueue_adds_exactly_the_workload_contract(rendered: dict[str, list[dict[
     (ns_role,) = by_kind["Role"]
     assert rule_permissions(cluster_role["rules"]) == SINGLE_NAMESPACE_CLUSTER_ROLE | KUEUE_CLUSTER_SCOPED
     assert rule_permissions(ns_role["rules"]) == NAMESPACED_PERMISSIONS | KUEUE_NAMESPACED
+
+
+def test_gang_scheduling_adds_exactly_the_podgroups(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (role,) = kinds(rendered["gang"])["ClusterRole"]
+    assert rule_permissions(role["rules"]) == CLUSTER_WIDE | GANG_NAMESPACED
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

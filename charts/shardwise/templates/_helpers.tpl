@@ -79,6 +79,9 @@ With kueue.enabled (jobs labelled kueue.x-k8s.io/queue-name):
                                             garbage collector deletes it), read every pass while queued
   workloads/status            patch         Finished when the job ends (Kueue releases the quota);
                                             admission cleared after an eviction's pods are gone
+With gangScheduling.coscheduling / .volcano (spec.scheduling.gang):
+  podgroups (scheduling.x-k8s.io / scheduling.volcano.sh)  create, get, patch   the job's PodGroup:
+                                            create-or-adopt, patched on drift; deleted with the job
 */}}
 {{- define "shardwise.namespacedRules" -}}
 - apiGroups: ["shardwise.dev"]
@@ -103,6 +106,16 @@ With kueue.enabled (jobs labelled kueue.x-k8s.io/queue-name):
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads/status"]
   verbs: ["patch"]
+{{- end }}
+{{- if .Values.gangScheduling.coscheduling }}
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["create", "get", "patch"]
+{{- end }}
+{{- if .Values.gangScheduling.volcano }}
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["create", "get", "patch"]
 {{- end }}
 {{- end }}
 
