@@ -1235,7 +1235,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (or reuse) the cached binaries")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--check", action="store_true", help="only report: exit 0 if cached, 3 if not")
-    b.add_argument("--kueue", action="store_true", help=f"build (or with --check, check) only Kueue {KUEUE_VERSION}")
+    b.add_argument("--kueue", action="store_true", help=f"only Kueue {KUEUE_VERSION} (cached)")
     b.set_defaults(func=cmd_build)
 
     up = with_dir(sub.add_parser("up", help="start the control plane and the fake GPU nodes (idempotent)"))
