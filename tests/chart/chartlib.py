@@ -67,6 +67,7 @@ KUEUE_NAMESPACED: frozenset[tuple[str, str]] = frozenset(
     {
         ("workloads.kueue.x-k8s.io", "create"),
         ("workloads.kueue.x-k8s.io", "get"),
+        ("workloads.kueue.x-k8s.io", "delete"),
         ("workloads.kueue.x-k8s.io/status", "patch"),
     }
 )

@@ -197,3 +197,10 @@ def test_finished_marks_the_workload_once() -> None:
     assert kueue.is_finished(workload(status["conditions"]))
     failed = kueue.finished_status(wl, False, "boom", "t2")["conditions"][-1]
     assert failed["reason"] == "Failed"
+
+
+def test_pod_set_count() -> None:
+    j = job()
+    wl = kueue.build_workload(j, build_pod(j, PodShape(nodes=3, gpus_per_node=8, attempt=0), 0), 3)
+    assert kueue.pod_set_count(wl) == 3
+    assert kueue.pod_set_count({"spec": {"podSets": [{"name": "other", "count": 2}]}}) is None

@@ -77,6 +77,7 @@ No Secrets: the operator never reads or writes one.
 With kueue.enabled (jobs labelled kueue.x-k8s.io/queue-name):
   workloads                   create, get   the job's Workload (owner reference to the job, so the
                                             garbage collector deletes it), read every pass while queued
+                              delete        replaced when a re-plan changes the job's node count
   workloads/status            patch         Finished when the job ends (Kueue releases the quota);
                                             admission cleared after an eviction's pods are gone
 With gangScheduling.coscheduling / .volcano (spec.scheduling.gang):
@@ -102,7 +103,7 @@ With gangScheduling.coscheduling / .volcano (spec.scheduling.gang):
 {{- if .Values.kueue.enabled }}
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["create", "get"]
+  verbs: ["create", "get", "delete"]
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads/status"]
   verbs: ["patch"]

@@ -460,6 +460,21 @@ class _Pass:
                 kueue.workload_name(self.key[1]),
                 kueue.queue_name(self.job),
             )
+        if kueue.pod_set_count(workload) != shape.nodes:
+            # Re-planned for another node count (a lost node): the Workload asks for the old gang.
+            # A Workload's pod sets are immutable, so it is replaced; the new one queues afresh.
+            self.log.info(
+                "replacing Workload %s: the plan now has %d node(s)",
+                workload["metadata"]["name"],
+                shape.nodes,
+            )
+            await self.commit()
+            await self._delete(live)
+            await self.r.kube.delete(
+                kueue.KUEUE_API_VERSION, kueue.WORKLOAD_KIND, self.key[0], workload["metadata"]["name"],
+                uid=workload["metadata"].get("uid"),
+            )  # fmt: skip
+            return Stop(REQUEUE_TERMINATING)
         adm = kueue.admission(workload)
         conditions = self.status.get("conditions") or []
         if adm.state == "Admitted":

@@ -243,5 +243,13 @@ def finished_status(workload: dict[str, Any], succeeded: bool, message: str, now
     return {"conditions": _set(conditions, cond)}
 
 
+def pod_set_count(workload: dict[str, Any]) -> int | None:
+    """How many pods the Workload asks for (None if it has no `main` pod set)."""
+    for ps in (workload.get("spec") or {}).get("podSets") or []:
+        if ps.get("name") == POD_SET:
+            return int(ps.get("count") or 0)
+    return None
+
+
 def is_finished(workload: dict[str, Any]) -> bool:
     return _true(workload, FINISHED)
