@@ -8,6 +8,9 @@ Real components only, all on 127.0.0.1:
   the k8s.io/kubernetes Go module pinned in hack/tools/go.mod,
 * KWOK (`go install sigs.k8s.io/kwok/cmd/kwok@<tag>`), which plays the kubelet of the fake GPU
   nodes: it keeps their leases fresh and moves pods bound to them to Running.
+* optionally (`up --kueue`) Kueue's controller manager (`go install sigs.k8s.io/kueue/cmd/kueue@<tag>`),
+  out of cluster, with its CRDs from the same module and its webhooks served on loopback with a
+  certificate this script issues, registered by URL.
 
 Binaries are built once per user and version into
 ``${SHARDWISE_K8S_CACHE:-${XDG_CACHE_HOME:-~/.cache}/shardwise}/<versions>/bin`` and symlinked into
@@ -20,6 +23,7 @@ docs/local-cluster.md for what runs where and how pods on the fake nodes behave.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -47,6 +51,9 @@ SHARDWISE_STAGES = REPO / "hack" / "kwok-stages.yaml"
 DEFAULT_STATE_DIR = REPO / ".cache" / "local-cluster"
 
 KWOK_VERSION = "v0.8.0"  # supports Kubernetes 1.27 - 1.36 (its supported_releases.txt)
+KUEUE_VERSION = "v0.17.0"  # built against k8s.io v0.35; talks to the 1.36 control plane
+# The ParallelTrainingJob as Kueue names an external framework (Kind.version.group).
+KUEUE_EXTERNAL_FRAMEWORK = "ParallelTrainingJob.v1alpha1.shardwise.dev"
 DEFAULT_PORT_BASE = 17100
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"  # KWOK hands out fake pod IPs from here
@@ -71,6 +78,8 @@ PORT_OFFSETS = {
     "kube-controller-manager": 3,
     "kube-scheduler": 4,
     "kwok": 5,
+    "kueue-webhook": 6,
+    "kueue": 7,  # health probes
 }
 
 
@@ -227,6 +236,88 @@ def _copy_kwok_stages(dest: Path, env: dict[str, str]) -> None:
         shutil.copyfile(source / rel, dest / Path(rel).name)
 
 
+def _rmtree_writable(path: Path) -> None:
+    """Remove a copy of a module-cache tree (read-only files and directories)."""
+    for sub in (path, *path.rglob("*")):
+        if sub.is_dir() and not sub.is_symlink():
+            sub.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def kueue_dir() -> Path:
+    """Kueue's cache: bin/kueue, its CRDs and webhook manifests, keyed by the pinned version."""
+    return cache_root() / f"kueue-{KUEUE_VERSION}"
+
+
+def kueue_present() -> bool:
+    d = kueue_dir()
+    return (d / "BUILD-OK").exists() and os.access(d / "bin" / "kueue", os.X_OK)
+
+
+def build_kueue(force: bool = False) -> Path:
+    """Build (or reuse) Kueue's manager from its module at the pinned version (one patch, below)."""
+    d = kueue_dir()
+    if not force and kueue_present():
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / ".kueue.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and kueue_present():
+            return d
+        jobs = os.environ.get("SHARDWISE_BUILD_JOBS", str(os.cpu_count() or 2))
+        env = {
+            **os.environ, "CGO_ENABLED": "0", "GOWORK": "off",
+            "GOFLAGS": f"-p={jobs} -buildvcs=false -trimpath",
+        }  # fmt: skip
+        partial = Path(tempfile.mkdtemp(prefix="kueue.partial-", dir=d.parent))
+        started = time.monotonic()
+        log(f"building Kueue {KUEUE_VERSION} into {d}")
+        out = subprocess.run(
+            [go_binary(), "mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE_VERSION}"],
+            cwd=partial, env={**env, "GOFLAGS": ""}, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise ClusterError(f"go mod download sigs.k8s.io/kueue failed: {out.stderr or out.stdout}")
+        module = Path(json.loads(out.stdout)["Dir"])
+        # Built inside a copy of its module (its own go.mod and go.sum), with one patch: with
+        # internalCertManagement off, main.go reads the metrics certificate from a fixed
+        # /etc/kueue/metrics/certs; out of cluster it comes from KUEUE_METRICS_CERT_DIR.
+        src = partial / "src"
+        skip = {"test", "site", "keps", "charts", "cmd/kueueviz"}  # not part of the manager
+        shutil.copytree(
+            module,
+            src,
+            ignore=lambda d, names: [n for n in names if os.path.relpath(Path(d) / n, module) in skip],
+        )
+        main_go = src / "cmd" / "kueue" / "main.go"
+        text = main_go.read_text()
+        fixed = 'metricsCertPath := "/etc/kueue/metrics/certs"'
+        if fixed not in text:
+            raise ClusterError(
+                f"Kueue {KUEUE_VERSION}: {fixed!r} not found in cmd/kueue/main.go; revisit the patch"
+            )
+        for path in (src, src / "cmd", src / "cmd" / "kueue", main_go):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        main_go.write_text(text.replace(fixed, 'metricsCertPath := os.Getenv("KUEUE_METRICS_CERT_DIR")'))
+        _run_go(
+            ["build", "-mod=mod", "-ldflags", "-s -w", "-o", str(partial / "bin" / "kueue"), "./cmd/kueue"],
+            src,
+            env,
+        )
+        shutil.copytree(module / "config" / "components" / "crd" / "bases", partial / "crds")
+        shutil.copyfile(
+            module / "config" / "components" / "webhook" / "manifests.yaml", partial / "webhooks.yaml"
+        )
+        seconds = round(time.monotonic() - started)
+        (partial / "BUILD-OK").write_text(json.dumps({"kueue": KUEUE_VERSION, "seconds": seconds}))
+        _rmtree_writable(src)
+        if d.exists():
+            shutil.rmtree(d)
+        partial.rename(d)
+        log(f"built Kueue in {seconds}s")
+    return d
+
+
 def link_bin_dir(bin_dir: Path, state_dir: Path) -> Path:
     """Point <state>/bin at the per-user cache (a symlink: no copy, always the current key)."""
     link = state_dir / "bin"
@@ -340,6 +431,8 @@ CLIENTS = {
     "kube-controller-manager": "/CN=system:kube-controller-manager",
     "kube-scheduler": "/CN=system:kube-scheduler",
     "kwok": "/O=system:masters/CN=system:kwok-controller",
+    # Kueue's manager, out of cluster: its chart's ClusterRole would do; masters keeps it short.
+    "kueue": "/O=system:masters/CN=kueue-controller-manager",
 }
 
 
@@ -557,6 +650,14 @@ def command_for(name: str, layout: Layout) -> list[str]:
             "--profiling=false",
             "--v=1",
         ]
+    if name == "kueue":
+        return [
+            str(kueue_dir() / "bin" / "kueue"),
+            f"--config={s / 'kueue.yaml'}",
+            f"--kubeconfig={s / 'kueue.kubeconfig'}",
+            "--feature-gates=VisibilityOnDemand=false",  # its aggregated API needs an in-cluster Service
+            "--zap-log-level=2",
+        ]
     if name == "kwok":
         return [
             str(b / "kwok"),
@@ -600,7 +701,7 @@ def any_running(layout: Layout) -> bool:
     return any(running_pid(layout, n) for n in COMPONENTS)
 
 
-def start(layout: Layout, name: str) -> subprocess.Popen[bytes]:
+def start(layout: Layout, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     layout.logs.mkdir(parents=True, exist_ok=True)
     layout.pids.mkdir(parents=True, exist_ok=True)
     with open(layout.logs / f"{name}.log", "ab") as out:
@@ -612,6 +713,7 @@ def start(layout: Layout, name: str) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=layout.state,
+            env={**os.environ, **env} if env else None,
             start_new_session=True,  # survives this script; `down` stops it
         )
     _pid_file(layout, name).write_text(f"{proc.pid}\n")
@@ -666,6 +768,8 @@ def health_probe(layout: Layout, name: str) -> tuple[str, ssl.SSLContext | None]
         return f"{layout.server}/readyz", ctx
     if name == "kwok":
         return f"http://127.0.0.1:{layout.port('kwok')}/healthz", None
+    if name == "kueue":
+        return f"http://127.0.0.1:{layout.port('kueue')}/readyz", None
     return f"https://127.0.0.1:{layout.port(name)}/healthz", _insecure()
 
 
@@ -900,11 +1004,113 @@ def wait_default_service_account(layout: Layout, timeout: float = 60.0) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Kueue
+# --------------------------------------------------------------------------------------------
+
+
+def kueue_config(layout: Layout) -> dict[str, Any]:
+    """Kueue's Configuration: out of cluster, no leader election, its own certificate, PTJ external."""
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": "kueue-system",
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{layout.port('kueue')}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {
+            "host": "127.0.0.1",
+            "port": layout.port("kueue-webhook"),
+            "certDir": str(layout.state / "kueue-certs"),
+        },
+        "leaderElection": {"leaderElect": False},
+        # Its cert rotator writes a Secret and patches webhook configurations it expects to point
+        # at an in-cluster Service; here this script issues the certificate and registers URLs.
+        "internalCertManagement": {"enable": False},
+        "manageJobsWithoutQueueName": False,
+        "integrations": {"frameworks": ["batch/job"], "externalFrameworks": [KUEUE_EXTERNAL_FRAMEWORK]},
+    }
+
+
+def kueue_webhooks(layout: Layout, manifests: Path) -> list[dict[str, Any]]:
+    """Kueue's own API webhooks (ClusterQueue, Workload, ...), pointed at the loopback server by URL.
+
+    Only the kueue.x-k8s.io ones: the job-integration webhooks (Pods, batch Jobs, Deployments, ...)
+    would intercept every such object of the cluster; shardwise's jobs need none of them.
+    """
+    text = kubectl(layout, "create", "--dry-run=client", "-o", "json", "-f", str(manifests))
+    items: list[dict[str, Any]] = []
+    decoder, at = json.JSONDecoder(), 0
+    while text[at:].strip():  # one JSON document per object, back to back
+        obj, end = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        items.extend(obj.get("items") or [obj])
+        at = end
+    ca = base64.b64encode((layout.pki / "ca.crt").read_bytes()).decode()
+    base = f"https://127.0.0.1:{layout.port('kueue-webhook')}"
+    out = []
+    for item in items:
+        hooks = []
+        for hook in item.get("webhooks") or []:
+            path = ((hook.get("clientConfig") or {}).get("service") or {}).get("path", "")
+            if "kueue-x-k8s-io" not in path:
+                continue
+            hook["clientConfig"] = {"url": base + path, "caBundle": ca}
+            hooks.append(hook)
+        item["metadata"] = {"name": f"kueue-{item['metadata']['name']}"}
+        item["webhooks"] = hooks
+        out.append(item)
+    return out
+
+
+def start_kueue(layout: Layout) -> None:
+    """Build (cached) and start Kueue against this cluster; idempotent."""
+    d = build_kueue()
+    kubectl(layout, "apply", "--server-side", "--force-conflicts", "-f", str(d / "crds"))
+    kubectl(layout, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(d / "crds"))
+    if not kubectl(layout, "get", "namespace", "kueue-system", "--ignore-not-found", "-o", "name").strip():
+        kubectl(layout, "create", "namespace", "kueue-system")
+    certs = layout.state / "kueue-certs"
+    certs.mkdir(exist_ok=True)
+    _issue_cert(
+        layout.pki,
+        "kueue-webhook",
+        "/CN=kueue-webhook",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    shutil.copyfile(layout.pki / "kueue-webhook.crt", certs / "tls.crt")
+    shutil.copyfile(layout.pki / "kueue-webhook.key", certs / "tls.key")
+    (layout.state / "kueue.yaml").write_text(json.dumps(kueue_config(layout), indent=2))
+    kc = layout.state / "kueue.kubeconfig"
+    kc.write_text(kubeconfig_text(layout, "kueue"))
+    kc.chmod(0o600)
+    pid = running_pid(layout, "kueue")
+    if pid is None:
+        check_ports_free(layout, ["kueue", "kueue-webhook"])
+        proc = start(layout, "kueue", env={"KUEUE_METRICS_CERT_DIR": str(certs)})
+        log(
+            f"started kueue (pid {proc.pid}, webhooks on port {layout.port('kueue-webhook')}, "
+            "log logs/kueue.log)"
+        )
+        wait_healthy(layout, "kueue", lambda: proc.poll() is None)
+    else:
+        wait_healthy(layout, "kueue", lambda: _proc_alive(pid, "kueue"))
+    for config in kueue_webhooks(layout, d / "webhooks.yaml"):
+        kubectl(layout, "apply", "--server-side", "--force-conflicts", "-f", "-", stdin=json.dumps(config))
+
+
+# --------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.check and args.kueue:
+        print(kueue_dir() if kueue_present() else f"not built: {kueue_dir()}")
+        return 0 if kueue_present() else 3
+    if args.kueue:
+        started = time.monotonic()
+        print(build_kueue(force=args.force))
+        log(f"Kueue ready in {time.monotonic() - started:.1f}s")
+        return 0
     if args.check:
         present = binaries_present(cached_bin_dir())
         print(cached_bin_dir() if present else f"not built: {cached_bin_dir()}")
@@ -954,6 +1160,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     names = [f"{args.node_prefix}-{i}" for i in range(args.gpu_nodes)]
     apply_node_shape(layout, names, _shape(args))
     wait_default_service_account(layout)
+    if args.kueue:
+        start_kueue(layout)
     if restarting:
         report_reused_state(layout)
     log(f"cluster up in {time.monotonic() - started:.1f}s: {layout.server}, {args.gpu_nodes} GPU node(s)")
@@ -974,7 +1182,7 @@ def cmd_add_nodes(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     state = Path(args.dir).resolve()
     layout = load_layout(state, None)
-    for name in reversed(COMPONENTS):
+    for name in ("kueue", *reversed(COMPONENTS)):
         stop(layout, name)
     if args.purge and state.exists():
         shutil.rmtree(state / "etcd", ignore_errors=True)
@@ -1027,6 +1235,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (or reuse) the cached binaries")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--check", action="store_true", help="only report: exit 0 if cached, 3 if not")
+    b.add_argument("--kueue", action="store_true", help=f"only Kueue {KUEUE_VERSION} (cached)")
     b.set_defaults(func=cmd_build)
 
     up = with_dir(sub.add_parser("up", help="start the control plane and the fake GPU nodes (idempotent)"))
@@ -1036,6 +1245,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"first of 6 consecutive loopback ports (default {DEFAULT_PORT_BASE})",
+    )
+    up.add_argument(
+        "--kueue", action="store_true", help=f"also build (cached) and start Kueue {KUEUE_VERSION}"
     )
     with_shape(up)
     up.set_defaults(func=cmd_up)

@@ -27,7 +27,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hack" / "local-cluster"
-PORTS_PER_CLUSTER = 6  # etcd client, etcd peer, apiserver, controller-manager, scheduler, kwok
+PORTS_PER_CLUSTER = 8  # etcd client, etcd peer, apiserver, controller-manager, scheduler, kwok, Kueue x2
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -67,6 +67,23 @@ def binaries_built() -> bool:
     return subprocess.run([str(SCRIPT), "build", "--check"], capture_output=True, check=False).returncode == 0
 
 
+def kueue_built() -> bool:
+    check = [str(SCRIPT), "build", "--kueue", "--check"]
+    return subprocess.run(check, capture_output=True, check=False).returncode == 0
+
+
+def build_kueue(timeout: float | None = None) -> None:
+    """`hack/local-cluster build --kueue` (instant when cached); ClusterUnavailableError if it fails."""
+    try:
+        result = subprocess.run(
+            [str(SCRIPT), "build", "--kueue"], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise ClusterUnavailableError(f"hack/local-cluster build --kueue timed out after {timeout}s") from err
+    if result.returncode != 0:
+        raise ClusterUnavailableError(f"hack/local-cluster build --kueue failed:\n{result.stderr[-4000:]}")
+
+
 def build_binaries(timeout: float | None = None) -> None:
     """Run `hack/local-cluster build` (instant when cached); ClusterUnavailableError if it fails."""
     try:
@@ -91,7 +108,9 @@ class LocalCluster:
         gpu_memory_mib: int = 81559,
         state_dir: Path | None = None,
         port_base: int | None = None,
+        kueue: bool = False,
     ) -> None:
+        self.kueue = kueue
         self.gpu_nodes = gpu_nodes
         self.gpus_per_node = gpus_per_node
         self.gpu_product = gpu_product
@@ -121,6 +140,7 @@ class LocalCluster:
             f"--gpu-product={self.gpu_product}",
             f"--gpu-memory-mib={self.gpu_memory_mib}",
             f"--port-base={self.port_base}",
+            *(["--kueue"] if self.kueue else []),
         ]
         started = time.monotonic()
         result = self._script(*args)

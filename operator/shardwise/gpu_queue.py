@@ -62,8 +62,10 @@ def _active(job: Mapping[str, Any]) -> bool:
 
 
 def holds_plan(job: Mapping[str, Any]) -> bool:
-    """Planned and not finished, suspended or being deleted: its GPUs are spoken for."""
-    return _active(job) and bool((job.get("status") or {}).get("layout"))
+    """Planned and not finished, suspended, being deleted or queued by Kueue (whose quota holds
+    nothing on the nodes until it admits the job): its GPUs are spoken for."""
+    status = job.get("status") or {}
+    return _active(job) and bool(status.get("layout")) and status.get("phase") not in ("Queued", "Suspended")
 
 
 def waiting_for_gpus(job: Mapping[str, Any]) -> bool:

@@ -64,6 +64,26 @@ NAMESPACE_OBSERVATION: frozenset[tuple[str, str]] = frozenset(
 )
 
 CLUSTER_WIDE = NAMESPACED_PERMISSIONS | CLUSTER_SCOPED_PERMISSIONS
+# kueue.enabled: the Workload contract (namespaced) and the flavors / priorities it reads.
+KUEUE_NAMESPACED: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("workloads.kueue.x-k8s.io", "create"),
+        ("workloads.kueue.x-k8s.io", "get"),
+        ("workloads.kueue.x-k8s.io", "delete"),
+        ("workloads.kueue.x-k8s.io/status", "patch"),
+    }
+)
+GANG_NAMESPACED: frozenset[tuple[str, str]] = frozenset(
+    (f"podgroups.{group}", verb)
+    for group in ("scheduling.x-k8s.io", "scheduling.volcano.sh")
+    for verb in ("create", "get", "patch")
+)
+KUEUE_CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("resourceflavors.kueue.x-k8s.io", "get"),
+        ("workloadpriorityclasses.kueue.x-k8s.io", "get"),
+    }
+)
 SINGLE_NAMESPACE_CLUSTER_ROLE = CLUSTER_SCOPED_PERMISSIONS | NAMESPACE_OBSERVATION
 
 # Every switch of values.yaml flipped at least once; "everything" flips all compatible ones at once.
@@ -82,6 +102,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     },
     "pdb-max-unavailable": {"podDisruptionBudget": {"enabled": True}},
+    "kueue": {"kueue": {"enabled": True}},
+    "gang": {"gangScheduling": {"coscheduling": True, "volcano": True}},
+    "kueue-single-namespace": {"kueue": {"enabled": True}, "watchNamespace": "team-a"},
     "pdb-min-available": {"podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}},
     "network-policy": {"networkPolicy": {"enabled": True}},
     "bring-your-own-sa-and-rbac": {

@@ -21,6 +21,9 @@ import yaml
 from tests.chart.chartlib import (
     CHART,
     CLUSTER_WIDE,
+    GANG_NAMESPACED,
+    KUEUE_CLUSTER_SCOPED,
+    KUEUE_NAMESPACED,
     NAMESPACED_PERMISSIONS,
     REPO,
     SCENARIOS,
@@ -284,6 +287,21 @@ def test_single_namespace_rbac_is_a_role_plus_the_cluster_scoped_minimum(
     assert role_binding["subjects"][0]["namespace"] == "shardwise-system"
     args = _deployment(rendered["single-namespace"])["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args
+
+
+def test_kueue_adds_exactly_the_workload_contract(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (role,) = kinds(rendered["kueue"])["ClusterRole"]
+    assert rule_permissions(role["rules"]) == CLUSTER_WIDE | KUEUE_NAMESPACED | KUEUE_CLUSTER_SCOPED
+    by_kind = kinds(rendered["kueue-single-namespace"])
+    (cluster_role,) = by_kind["ClusterRole"]
+    (ns_role,) = by_kind["Role"]
+    assert rule_permissions(cluster_role["rules"]) == SINGLE_NAMESPACE_CLUSTER_ROLE | KUEUE_CLUSTER_SCOPED
+    assert rule_permissions(ns_role["rules"]) == NAMESPACED_PERMISSIONS | KUEUE_NAMESPACED
+
+
+def test_gang_scheduling_adds_exactly_the_podgroups(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (role,) = kinds(rendered["gang"])["ClusterRole"]
+    assert rule_permissions(role["rules"]) == CLUSTER_WIDE | GANG_NAMESPACED
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -174,6 +174,7 @@ def test_spec_field_names_follow_job_spec(schema: Schema) -> None:
         "data",
         "output",
         "checkpoint",
+        "scheduling",
     }
     assert set(get(schema, "spec.model")["properties"]) == {
         "preset",

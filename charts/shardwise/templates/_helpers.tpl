@@ -74,6 +74,15 @@ The rules the operator needs on namespaced resources, wherever it watches. Every
 Services and ConfigMaps are never deleted by the operator: they go with their job through owner
 references (the garbage collector).
 No Secrets: the operator never reads or writes one.
+With kueue.enabled (jobs labelled kueue.x-k8s.io/queue-name):
+  workloads                   create, get   the job's Workload (owner reference to the job, so the
+                                            garbage collector deletes it), read every pass while queued
+                              delete        replaced when a re-plan changes the job's node count
+  workloads/status            patch         Finished when the job ends (Kueue releases the quota);
+                                            admission cleared after an eviction's pods are gone
+With gangScheduling.coscheduling / .volcano (spec.scheduling.gang):
+  podgroups (scheduling.x-k8s.io / scheduling.volcano.sh)  create, get, patch   the job's PodGroup:
+                                            create-or-adopt, patched on drift; deleted with the job
 */}}
 {{- define "shardwise.namespacedRules" -}}
 - apiGroups: ["shardwise.dev"]
@@ -91,6 +100,24 @@ No Secrets: the operator never reads or writes one.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["create", "get", "delete"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
+{{- end }}
+{{- if .Values.gangScheduling.coscheduling }}
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["create", "get", "patch"]
+{{- end }}
+{{- if .Values.gangScheduling.volcano }}
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["create", "get", "patch"]
+{{- end }}
 {{- end }}
 
 {{/*
@@ -100,6 +127,8 @@ Cluster-scoped rules, needed in both modes:
   customresourcedefinitions  list, watch   kopf's resource observation: it notices the CRD being
                                            (re)installed while it runs; without it kopf logs a
                                            warning and only scans the API at startup
+  resourceflavors, workloadpriorityclasses  get   (kueue.enabled) the admitted flavor's node labels
+                                           and tolerations; the priority of the job's Workload
 */}}
 {{- define "shardwise.clusterRules" -}}
 - apiGroups: [""]
@@ -111,4 +140,9 @@ Cluster-scoped rules, needed in both modes:
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if .Values.kueue.enabled }}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["resourceflavors", "workloadpriorityclasses"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}

@@ -43,6 +43,7 @@ from shardwise.metrics.condition_values import STRAGGLER_DETECTED
 from shardwise.metrics.progress import finished_progress
 from shardwise.planning import PlanOutcome, plan_job
 from shardwise.podstate import PodsSummary, summarize
+from shardwise.resources import kueue, podgroup
 from shardwise.resources.configmap import build_configmap
 from shardwise.resources.names import (
     API_VERSION,
@@ -66,6 +67,8 @@ REQUEUE_UNPLANNED = 60.0
 REQUEUE_STARTING = 15.0
 REQUEUE_RUNNING = 60.0
 REQUEUE_TERMINATING = 1.0
+# Workloads are not watched: a job waiting for Kueue looks again this often.
+REQUEUE_QUEUED = 2.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,8 @@ class _Pass:
         self._planned_outcome: PlanOutcome | None = None
         self.wake_after: float | None = None  # an earlier look than the phase's default
         self.log = JobLog(log, {"key": f"{self.key[0]}/{self.key[1]}"})
+        # Submitted to a Kueue LocalQueue: Kueue decides when it runs (resume is the admission).
+        self.queued_by_kueue = kueue.queue_name(job) is not None
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -264,7 +269,7 @@ class _Pass:
 
         if self.policy.get("suspend"):
             return await self._suspend(pods)
-        if is_true(self.status.get("conditions") or [], SUSPENDED):
+        if is_true(self.status.get("conditions") or [], SUSPENDED) and not self.queued_by_kueue:
             # Resumed: a fresh attempt, not a restart; the deadline clock starts again.
             self.condition(SUSPENDED, False, "Resumed", "the job was resumed")
             self.status["attempt"] = int(self.status.get("attempt") or 0) + 1
@@ -337,6 +342,11 @@ class _Pass:
         )
         summary = summarize(pods, expected=shape.nodes, attempt=attempt)
 
+        if self.queued_by_kueue:
+            stop = await self._kueue_gate(shape, pods)
+            if stop is not None:
+                return stop.requeue
+
         for step in (self._failures, self._gang_timeout):
             stop = await step(summary, pods)
             if stop is not None:
@@ -406,6 +416,8 @@ class _Pass:
     async def _finished(self, pods: list[dict[str, Any]]) -> float | None:
         """A finished job keeps its pods for their logs, but frees GPUs still held; then its TTL."""
         await self._delete_live(pods)
+        if self.queued_by_kueue:
+            await self._kueue_finished()
         remaining = lifecycle.ttl_remaining(self.policy, self.status.get("completionTime"), self.now)
         if remaining is None:
             return None
@@ -429,6 +441,127 @@ class _Pass:
         await self.commit()
         await self._delete(live)
         return REQUEUE_TERMINATING if pods else None
+
+    async def _workload(self) -> dict[str, Any] | None:
+        try:
+            return await self.r.kube.get(
+                kueue.KUEUE_API_VERSION, kueue.WORKLOAD_KIND, self.key[0], kueue.workload_name(self.key[1])
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def _priority(self) -> tuple[int | None, str | None]:
+        """The WorkloadPriorityClass named by the job's label, resolved as Kueue's job reconciler does."""
+        name = (self.meta.get("labels") or {}).get(kueue.PRIORITY_LABEL)
+        if not name:
+            return None, None
+        try:
+            wpc = await self.r.kube.get(kueue.KUEUE_API_VERSION, "WorkloadPriorityClass", None, name)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            return None, None
+        return int(wpc.get("value") or 0), name
+
+    async def _kueue_gate(self, shape: PodShape, pods: list[dict[str, Any]]) -> Stop | None:
+        """Hold the job until Kueue admits its Workload; on eviction free the GPUs, spend nothing.
+
+        Kueue's external-framework contract: the operator creates the Workload (one pod set,
+        one pod per node, the planned requests), Kueue reserves quota and admits it; the pods
+        then start with the admitted ResourceFlavors' node labels and tolerations. An eviction
+        (preemption, a stopped queue) deletes the pods, then hands the quota back by clearing
+        the admission; the job resumes as a new attempt, never as a restart.
+        """
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        workload = await self._workload()
+        if workload is None:
+            try:
+                pod = build_pod(self.job, shape, 0)
+            except TemplateError as exc:
+                return self._child_failure(exc)
+            priority, priority_class = await self._priority()
+            built = kueue.build_workload(
+                self.job, pod, shape.nodes, priority=priority, priority_class=priority_class
+            )
+            try:
+                workload = await self.r.kube.create(built)
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+                return Stop(REQUEUE_TERMINATING)
+            self.log.info(
+                "created Workload %s in LocalQueue %s",
+                kueue.workload_name(self.key[1]),
+                kueue.queue_name(self.job),
+            )
+        if kueue.pod_set_count(workload) != shape.nodes:
+            # Re-planned for another node count (a lost node): the Workload asks for the old gang.
+            # A Workload's pod sets are immutable, so it is replaced; the new one queues afresh.
+            self.log.info(
+                "replacing Workload %s: the plan now has %d node(s)",
+                workload["metadata"]["name"],
+                shape.nodes,
+            )
+            await self.commit()
+            await self._delete(live)
+            await self.r.kube.delete(
+                kueue.KUEUE_API_VERSION, kueue.WORKLOAD_KIND, self.key[0], workload["metadata"]["name"],
+                uid=workload["metadata"].get("uid"),
+            )  # fmt: skip
+            return Stop(REQUEUE_TERMINATING)
+        adm = kueue.admission(workload)
+        conditions = self.status.get("conditions") or []
+        if adm.state == "Admitted":
+            self.condition(kueue.ADMITTED, True, "Admitted", f"Kueue: {adm.message}")
+            if is_true(conditions, SUSPENDED):
+                self.condition(SUSPENDED, False, "Admitted", f"Kueue admitted the job: {adm.message}")
+                if self.status.get("startTime"):
+                    # Re-admitted after an eviction: a fresh attempt, not a restart.
+                    self.status["attempt"] = int(self.status.get("attempt") or 0) + 1
+                    self.status.pop("startTime", None)
+                    self.status.pop("nextAttemptTime", None)
+                    await self.commit()
+                    return Stop(REQUEUE_TERMINATING)
+            flavors = []
+            for name in sorted(set(adm.flavors.values())):
+                flavors.append(await self.r.kube.get(kueue.KUEUE_API_VERSION, "ResourceFlavor", None, name))
+            selector, tolerations = kueue.flavor_placement(flavors)
+            self.job = kueue.with_placement(self.job, selector, tolerations)
+            return None
+        evicted = adm.state == "Evicted"
+        reason = "EvictedByKueue" if evicted else "QueuedByKueue"
+        message = f"Kueue: {adm.reason}: {adm.message}".rstrip(": ")
+        self.condition(kueue.ADMITTED, False, adm.reason, message)
+        self.condition(SUSPENDED, True, reason, message)
+        self.condition(RUNNING, False, reason, message)
+        self.status["phase"] = "Suspended" if self.status.get("startTime") else "Queued"
+        self.status["message"] = message
+        if live:
+            self.log.info("Workload not admitted (%s): deleting %d pod(s)", adm.reason, len(live))
+            self.events.append(Event("Normal", reason, f"{message}; the job's pods are deleted"))
+        await self.commit()
+        await self._delete(live)
+        if evicted and not pods:
+            # Pods gone: give the quota back so Kueue can queue (and later re-admit) the Workload.
+            await self.r.kube.merge_patch(
+                kueue.KUEUE_API_VERSION, kueue.WORKLOAD_KIND, self.key[0], workload["metadata"]["name"],
+                {"status": kueue.release_status(workload, self.now)}, subresource="status",
+            )  # fmt: skip
+        return Stop(REQUEUE_TERMINATING if pods else REQUEUE_QUEUED)
+
+    async def _kueue_finished(self) -> None:
+        """A finished job's Workload is marked Finished, so Kueue releases its quota."""
+        workload = await self._workload()
+        if workload is None or kueue.is_finished(workload):
+            return
+        succeeded = self.status.get("phase") == "Succeeded"
+        message = str(self.status.get("message") or self.status.get("phase") or "finished")
+        await self.r.kube.merge_patch(
+            kueue.KUEUE_API_VERSION, kueue.WORKLOAD_KIND, self.key[0], workload["metadata"]["name"],
+            {"status": kueue.finished_status(workload, succeeded, message, self.now)}, subresource="status",
+        )  # fmt: skip
 
     async def _failures(self, summary: PodsSummary, pods: list[dict[str, Any]]) -> Stop | None:
         """Failed or disrupted pods: fail the job, or tear the gang down for a new attempt."""
@@ -621,11 +754,17 @@ class _Pass:
         self, shape: PodShape, summary: PodsSummary, pods: list[dict[str, Any]]
     ) -> Stop | None:
         """Create the missing ranks; a rank the API server refuses fails the whole attempt."""
+        gang = podgroup.gang_spec(self.job)
         try:
             await self._ensure_shared_children(self._planned_outcome)
             # Looked up only here: the only pass that needs it is one that creates pods.
             placed = dataclasses.replace(shape, topology_key=self._topology_key())
             built = [build_pod(self.job, placed, rank) for rank in summary.missing]
+            if gang is not None:
+                # The group first: a gang scheduler holds member pods until minMember are placeable.
+                gpus = {shape.gpu_resource: str(shape.nodes * shape.gpus_per_node)}
+                await ensure(self.r.kube, podgroup.build_podgroup(self.job, gang, shape.nodes, gpus))
+                built = [podgroup.with_gang(pod, self.key[1], gang) for pod in built]
         except (TemplateError, ChildConflictError) as exc:
             return self._child_failure(exc)
         results = await asyncio.gather(
@@ -736,13 +875,14 @@ class _Pass:
         ]
         nodes = inventory.gpu_nodes(
             [n for n in all_nodes if (n.get("metadata") or {}).get("name") not in excluded],
-            pods,
+            # Under Kueue the quota is Kueue's to account: plan on the nodes' capacity.
+            [] if self.queued_by_kueue else pods,
             gpu_resource=where.gpu_resource,
             node_selector=where.selector,
             tolerations=where.tolerations,
             exclude_job=self.meta["name"],
             exclude_namespace=self.meta["namespace"],
-            claims=claims,
+            claims=[] if self.queued_by_kueue else claims,
         )
         return nodes, where.gpu_resource
 
@@ -776,7 +916,7 @@ class _Pass:
             gpus = count * per
         correction = oom_replan.current_correction(self.status)
         held = checkpoint_shards(self.status)  # a re-plan keeps the checkpoint's TP / PP
-        if not pins:
+        if not pins and not self.queued_by_kueue:  # under Kueue the queue is Kueue's
             queued = self._queued(count, per, gpus)
             if queued is not None:
                 return queued

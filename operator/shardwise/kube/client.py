@@ -35,6 +35,16 @@ _PATHS: Final[dict[tuple[str, str], tuple[str, str]]] = {
         "/apis/shardwise.dev/v1alpha1",
         "paralleltrainingjobs",
     ),
+    # Gang scheduling (spec.scheduling.gang): scheduler-plugins' coscheduling, Volcano.
+    ("scheduling.x-k8s.io/v1alpha1", "PodGroup"): ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
+    ("scheduling.volcano.sh/v1beta1", "PodGroup"): ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
+    # Kueue (only for jobs labelled kueue.x-k8s.io/queue-name).
+    ("kueue.x-k8s.io/v1beta2", "Workload"): ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): ("/apis/kueue.x-k8s.io/v1beta2", "resourceflavors"),
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): (
+        "/apis/kueue.x-k8s.io/v1beta2",
+        "workloadpriorityclasses",
+    ),
 }
 
 
