@@ -8,13 +8,12 @@ reason, the operator's own reading of it (lifecycle.classify) gives the verdict.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed
-from trainer_runner import LAYOUTS, RUN_TIMEOUT, RunCache, nproc_of, torchrun_cmd, trainer_env
+from trainer_runner import LAYOUTS, RunCache, nproc_of, run_failing
 
 from shardwise import lifecycle
 from shardwise.podstate import PodFailure
@@ -120,18 +119,14 @@ def test_a_faulting_rank_names_its_failure_in_the_termination_message(
     trainer_runs: RunCache, tmp_path: Path, fault: str, reason: str, retryable: bool
 ) -> None:
     name = "dp2-zero1"
-    message = tmp_path / "termination-log"
-    message.write_text("")  # as a kubelet creates it
-    proc = subprocess.run(
-        torchrun_cmd(nproc_of(LAYOUTS[name]), trainer_runs.layout_path(name), 4),
-        env=trainer_env({contract.ENV_TEST_FAULT: fault, contract.ENV_TERMINATION_LOG: str(message)}),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
+    proc, text = run_failing(
+        nproc_of(LAYOUTS[name]),
+        trainer_runs.layout_path(name),
+        4,
+        tmp_path,
+        env={contract.ENV_TEST_FAULT: fault},
     )
     assert proc.returncode != 0
-    text = message.read_text()
     pod = PodFailure(pod="p", node="n", exit_code=proc.returncode, reason="Error", message=text)
     told = lifecycle.trainer_reason(pod)
     assert told is not None and told[0] == reason, text

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 from test_trainer_equivalence import TOLERANCE
-from trainer_runner import LAYOUTS, RUN_TIMEOUT, RunCache, nproc_of, run_trainer, torchrun_cmd, trainer_env
+from trainer_runner import (
+    LAYOUTS,
+    RUN_TIMEOUT,
+    RunCache,
+    nproc_of,
+    run_failing,
+    run_trainer,
+    torchrun_cmd,
+    trainer_env,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -121,18 +130,8 @@ def test_a_checkpoint_of_another_pipeline_depth_is_refused_not_restarted_at_zero
     ckpt = tmp_path / "ckpt"
     args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY))
     run_trainer(trainer_runs.layout_path("pp2"), nproc=nproc_of(LAYOUTS["pp2"]), steps=EVERY, args=args)
-    message = tmp_path / "termination-log"
-    message.write_text("")
-    proc = subprocess.run(
-        torchrun_cmd(2, trainer_runs.layout_path("dp2-zero1"), STEPS, *args),
-        env=trainer_env({"SHARDWISE_TERMINATION_LOG": str(message)}),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+    proc, text = run_failing(2, trainer_runs.layout_path("dp2-zero1"), STEPS, tmp_path, *args)
     assert proc.returncode != 0
-    text = message.read_text()
     assert "shardwise.dev/exit-code=2" in text and "shardwise.dev/reason=InvalidCheckpoint" in text, text
     assert "pp 2 -> 1" in text and "step4" in text
     assert '"event": "step"' not in proc.stdout

@@ -112,6 +112,24 @@ def run_trainer(
     return result
 
 
+def run_failing(
+    nproc: int, layout: Path, steps: int, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """One torchrun launch expected to fail: (the process, the termination message the trainer
+    wrote to an empty file, as a kubelet creates it)."""
+    message = tmp_path / "termination-log"
+    message.write_text("")
+    proc = subprocess.run(
+        torchrun_cmd(nproc, layout, steps, *args),
+        env=trainer_env({**(env or {}), "SHARDWISE_TERMINATION_LOG": str(message)}),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    return proc, message.read_text()
+
+
 def run_refused(layout: Path, tmp_path: Path, *args: str) -> tuple[int, str, str]:
     """The trainer CLI alone (one process, one step) on input it must refuse: (exit code, its one
     ``shardwise-train:`` stderr line, the termination message). Fails unless exactly one such line."""
