@@ -54,6 +54,7 @@ def _runnable(request: PlanRequest, layout: Any, method: str | None = None) -> s
         zero_stage=layout.zero_stage,
         offload=layout.offload,
         family=request.model.architecture.family if request.model.architecture else None,
+        vision_tower=bool(request.model.architecture and request.model.architecture.extra_parameters > 0),
     )
 
 
@@ -156,6 +157,7 @@ _AUTOTP: dict[str, Any] = {"method": "full", "model": "pretrained", "tp": 2}
         ({**_AUTOTP, "zero_stage": 3, "family": "llama"}, "ZeRO stage 3 with tp=2"),
         ({**_AUTOTP, "offload": "optimizer", "family": "llama"}, "offload=optimizer with tp=2"),
         ({**_AUTOTP, "family": "chatglm"}, "tp=2 for model family chatglm"),
+        ({**_AUTOTP, "family": "qwen2", "vision_tower": True}, "tp=2 for a model with a vision tower"),
         ({"method": "full", "model": "builtin", "tp": 2, "sequence_parallel": True}, "sequence parallelism"),
         ({"method": "qlora", "model": "pretrained", "zero_stage": 3, "offload": "all"}, "offload=all"),
         ({"method": "lora", "model": "builtin"}, "needs a pretrained model"),
@@ -256,6 +258,13 @@ def test_admission_plans_tensor_parallel_for_a_pretrained_llama() -> None:
     assert outcome.document["training"]["model_source"] == "pretrained"
     parsed = contract.parse_layout(json.loads(json.dumps(outcome.document)))
     assert contract.runtime_refusal(parsed, pretrained=True) is None
+
+
+def test_admission_refuses_tensor_parallel_for_a_pretrained_model_with_a_vision_tower() -> None:
+    spec = {**_spec(method="full"), "model": {"preset": "qwen2-vl-72b", "path": "/models/qwen2-vl"}}
+    outcome = plan_job({**spec, "parallelism": {"tensor": 2}}, SHAPE)
+    assert not outcome.feasible and outcome.reason == "UnsupportedByRuntime", outcome.message
+    assert "vision tower" in outcome.message
 
 
 def test_admission_plans_lora_data_parallel() -> None:

@@ -46,6 +46,8 @@ class Capability:
     tensor_zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     tensor_offloads: tuple[str, ...] = ("none", "optimizer", "all")
     tensor_families: tuple[str, ...] = ()
+    #: With tp > 1: whether a model with a vision tower (extra parameters, e.g. Qwen2-VL) runs.
+    tensor_vision_tower: bool = True
 
 
 TABLE: Final[tuple[Capability, ...]] = (
@@ -71,11 +73,13 @@ TABLE: Final[tuple[Capability, ...]] = (
         offloads=("none", "optimizer", "all"),
         limits=(
             "a pretrained model runs data parallel (ZeRO 0-3) with pp=1, and tensor parallel "
-            "(DeepSpeed AutoTP) with ZeRO 0-2, no offload, Llama / Mistral / Qwen2 families"
+            "(DeepSpeed AutoTP) with ZeRO 0-2, no offload, text-only Llama / Mistral / Qwen2 models"
         ),
         tensor_zero_stages=(0, 1, 2),
         tensor_offloads=("none",),
         tensor_families=("llama", "mistral", "qwen2"),
+        # AutoTP would shard a vision tower's linears too; not run or tested (Qwen2-VL is qwen2).
+        tensor_vision_tower=False,
     ),
     Capability(
         "lora",
@@ -195,9 +199,10 @@ def refusal(
     offload: str,
     expert: int = 1,
     family: str | None = None,
+    vision_tower: bool = False,
 ) -> str | None:
-    """None when the trainer runs this layout, else one sentence naming the limit (``family``:
-    the model family, which decides whether a pretrained model runs tensor parallel)."""
+    """None when the trainer runs this layout, else one sentence naming the limit (``family`` and
+    ``vision_tower``: what decides whether a pretrained model runs tensor parallel)."""
     candidates = rows(method, model)
     if not candidates:
         runnable = sorted({f"{c.method} ({c.model})" for c in TABLE})
@@ -227,6 +232,8 @@ def refusal(
             reasons.append(f"offload={offload} with tp={tp}: {c.limits}")
         elif tp > 1 and c.tensor_families and family not in c.tensor_families:
             reasons.append(f"tp={tp} for model family {family}: {c.limits}")
+        elif tp > 1 and vision_tower and not c.tensor_vision_tower:
+            reasons.append(f"tp={tp} for a model with a vision tower: {c.limits}")
         elif offload not in c.offloads:
             reasons.append(f"offload={offload}: {c.limits}")
         elif offload != "none" and pp > 1:

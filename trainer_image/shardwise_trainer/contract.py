@@ -610,6 +610,7 @@ def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
         offload=layout.offload,
         expert=layout.ep,
         family=layout.architecture.family,
+        vision_tower=layout.architecture.extra_parameters > 0,
     )
 
 

@@ -226,6 +226,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
     # Sequence parallelism is planned only where the trainer runs it (capabilities.TABLE).
     respect = request.settings.respect_runtime
     model_family = arch.family if arch is not None else None
+    vision_tower = arch is not None and arch.extra_parameters > 0
     sp_runs = not respect or any(c.sequence_parallel for c in caps.rows(method, source))
     # `shardwise plan` may plan EP beyond what the trainer runs (plan() notes it); admission does not.
     ep_beyond = request.settings.plan_expert_parallel_beyond_runtime
@@ -295,7 +296,7 @@ def search(ctx: ModelContext, keep: int) -> SearchOutcome:
                         refused = None if not respect else caps.refusal(
                             method=method, model=source, tp=tp, pp=pp, sequence_parallel=bool(sp),
                             zero_stage=zero, offload=offload, expert=1 if ep_beyond else ep,
-                            family=model_family,
+                            family=model_family, vision_tower=vision_tower,
                         )  # fmt: skip
                         if refused is None:
                             runnable_sps.append(sp)
