@@ -106,7 +106,7 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
 
 
 def chaos_job(name: str, namespace: str) -> dict[str, Any]:
-    return job_manifest(
+    job = job_manifest(
         name,
         namespace,
         resources={
@@ -116,7 +116,11 @@ def chaos_job(name: str, namespace: str) -> dict[str, Any]:
             "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
         },
         runPolicy={"maxRestarts": MAX_RESTARTS},
+        # Checkpoints on, as a real job has them: storage mounted into every attempt's pods.
+        checkpoint={"path": f"/checkpoints/{name}", "volume": {"name": "ckpt"}, "everySteps": 100, "keep": 2},
     )
+    job["spec"]["template"]["spec"]["volumes"] = [{"name": "ckpt", "emptyDir": {}}]
+    return job
 
 
 def snapshot(kubectl: Kubectl, namespace: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -204,6 +208,8 @@ class Verdict:
     missing_children: list[str] = field(default_factory=list)
     restarts: dict[str, tuple[int, int]] = field(default_factory=dict)  # job: (expected, actual)
     not_running: list[str] = field(default_factory=list)
+    #: Current pods without the job's checkpoint directory (env + the volume mounted at it).
+    no_checkpoint: list[str] = field(default_factory=list)
 
     @property
     def counter_mismatches(self) -> dict[str, tuple[int, int]]:
@@ -256,6 +262,13 @@ def judge(kubectl: Kubectl, namespace: str, chaos: Chaos) -> Verdict:
         ):
             verdict.not_running.append(f"{name}: {status.get('phase')} {status.get('message', '')}")
         verdict.restarts[name] = (chaos.injected(name), int(status.get("restarts") or 0))
+        for pod in current:
+            [trainer] = pod["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in trainer.get("env") or []}
+            directory = env.get("SHARDWISE_CHECKPOINT_DIR") or ""
+            mounted = any(directory.startswith(m["mountPath"]) for m in trainer.get("volumeMounts") or [])
+            if not directory.endswith(f"/checkpoints/{name}") or not mounted:
+                verdict.no_checkpoint.append(pod["metadata"]["name"])
         uid = job["metadata"]["uid"]
         for kind, child in (("service", name), ("configmap", f"{name}-layout")):
             obj = children.get((kind, child))
@@ -274,6 +287,7 @@ def quiescent(kubectl: Kubectl, namespace: str, chaos: Chaos) -> Verdict | None:
         or verdict.counter_mismatches
         or verdict.missing_children
         or verdict.orphans
+        or verdict.no_checkpoint
     )
     return verdict if settled else None
 
@@ -349,6 +363,8 @@ def write_results(
         f"| lost pods found | {len(verdict.lost)} |",
         f"| pods of an old attempt left | {len(verdict.stale)} |",
         f"| orphan ConfigMaps / Services / Pods | {len(verdict.orphans)} |",
+        f"| current pods without the job's checkpoint directory mounted (checkpoints on) | "
+        f"{len(verdict.no_checkpoint)} |",
         f"| jobs whose status.restarts differs from the failures injected | "
         f"{len(verdict.counter_mismatches)} |",
         f"| restart counters, sum expected / sum actual | {sum(e for e, _ in verdict.restarts.values())} / "
@@ -472,5 +488,6 @@ def test_operator_killed_30_times_converges_to_exact_children_and_counters(
     assert verdict.unexpected == []
     assert verdict.orphans == []
     assert verdict.missing_children == []
+    assert verdict.no_checkpoint == []
     assert verdict.not_running == []
     assert verdict.counter_mismatches == {}
