@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.jobs import Kubectl, condition_is, job_manifest
+from tests.jobs import Kubectl, condition_is, job_manifest, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -153,3 +153,59 @@ def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))
     kubectl("delete", "node", *nodes, "--wait=false")
+
+
+def test_a_higher_priority_job_waiting_for_gpus_starts_before_an_older_lower_one(
+    cluster: Any, kubectl: Kubectl, operator: Any, namespace: str
+) -> None:
+    """Queue order is PriorityClass value first, then creation time: with the pool busy, an older
+    low-priority job and a newer high-priority one both wait; when the GPUs free up the
+    high-priority one is planned first, and the low one after it."""
+    nodes = cluster.add_gpu_nodes(2, gpus_per_node=GPUS_PER_NODE, prefix=f"prio-{namespace}")
+    kubectl("label", "node", *nodes, f"pool={namespace}")
+    kubectl("taint", "nodes", *nodes, f"{TAINT_KEY}=true:NoSchedule", "--overwrite")
+    high = f"shardwise-high-{namespace}"
+    kubectl("create", "priorityclass", high, "--value=100000")
+
+    def job(name: str, priority_class: str | None = None) -> dict[str, Any]:
+        manifest = job_manifest(
+            name,
+            namespace,
+            resources={
+                "nodes": 2,
+                "gpusPerNode": GPUS_PER_NODE,
+                "nodeSelector": {"pool": namespace},
+                "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        )
+        if priority_class:
+            manifest["spec"]["template"]["spec"]["priorityClassName"] = priority_class
+        return manifest
+
+    def running(name: str) -> list[dict[str, Any]] | None:
+        pods = kubectl.pods(namespace, name)
+        return pods if len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods) else None
+
+    def waiting(name: str) -> bool:
+        return condition_is(kubectl.job(namespace, name), "Planned", "False", "InsufficientGpus")
+
+    try:
+        kubectl.apply(job("busy"))
+        busy = wait_for("busy running", lambda: running("busy"), timeout=90)
+        kubectl.apply(job("low"))
+        wait_for("low waiting", lambda: waiting("low"), timeout=60)
+        time.sleep(1.1)  # a later creationTimestamp (second resolution)
+        kubectl.apply(job("urgent", high))
+        wait_for("urgent waiting", lambda: waiting("urgent"), timeout=60)
+        for pod in busy:
+            kubectl.exit_pod(namespace, pod["metadata"]["name"], 0)
+        urgent = wait_for("urgent running", lambda: running("urgent"), timeout=90)
+        assert kubectl.pods(namespace, "low") == [] and waiting("low")
+        message = kubectl.job(namespace, "low")["status"]["message"]
+        assert f"{namespace}/urgent" in message or "matching nodes have 0 free" in message, message
+        for pod in urgent:
+            kubectl.exit_pod(namespace, pod["metadata"]["name"], 0)
+        wait_for("low running", lambda: running("low"), timeout=90)
+    finally:
+        kubectl("delete", "priorityclass", high, "--wait=false")
+        kubectl("delete", "node", *nodes, "--wait=false")
