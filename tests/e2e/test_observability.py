@@ -239,7 +239,11 @@ def test_progress_advances_in_status_kubectl_and_prometheus(
     assert len({p["step"] for p in seen}) >= 3, f"the job ended before three progress writes: {seen}"
     first, last = seen[0], seen[-1]
     assert last["step"] > first["step"] and last["totalSteps"] == first["totalSteps"] == 300
-    assert last["remainingSeconds"] <= first["remainingSeconds"]  # the ETA shrinks
+    # The ETA shrinks, unless the measured step time grew meanwhile (2 shared cores under load).
+    assert (
+        last["remainingSeconds"] <= first["remainingSeconds"]
+        or last["measuredStepSeconds"] > first["measuredStepSeconds"]
+    ), (first, last)
     assert last["eta"] and last["lastUpdateTime"] and 0 <= last["percent"] < 100
     assert last["summary"] == f"{last['percent']}% ({last['step']}/300)"
     # The planner's estimate beside the measurement (a tiny CPU model: they differ a lot).
