@@ -12,6 +12,7 @@ The figures go to benchmarks/results/competition.md (no assertion on timings).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,33 @@ PARTIAL_LIMIT_SECONDS = 15.0
 TIMEOUT = 600.0
 
 
+def _pool(cluster: Any, kubectl: Kubectl, namespace: str, count: int, prefix: str) -> list[str]:
+    """KWOK GPU nodes labelled pool=<namespace> and tainted so that only this test's jobs land there."""
+    nodes: list[str] = cluster.add_gpu_nodes(
+        count, gpus_per_node=GPUS_PER_NODE, prefix=f"{prefix}-{namespace}"
+    )
+    kubectl("label", "node", *nodes, f"pool={namespace}")
+    kubectl("taint", "nodes", *nodes, f"{TAINT_KEY}=true:NoSchedule", "--overwrite")
+    return nodes
+
+
+def _pool_job(name: str, namespace: str, priority_class: str | None = None) -> dict[str, Any]:
+    """A job of 2 nodes x 8 GPUs on the test's pool."""
+    manifest = job_manifest(
+        name,
+        namespace,
+        resources={
+            "nodes": 2,
+            "gpusPerNode": GPUS_PER_NODE,
+            "nodeSelector": {"pool": namespace},
+            "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    )
+    if priority_class:
+        manifest["spec"]["template"]["spec"]["priorityClassName"] = priority_class
+    return manifest
+
+
 def _examples(messages: set[str]) -> list[str]:
     head = [m for m in sorted(messages) if "waiting in the queue" not in m]
     behind = [m for m in sorted(messages) if "waiting in the queue" in m]
@@ -44,23 +72,9 @@ def _examples(messages: set[str]) -> list[str]:
 def test_twenty_jobs_of_16_gpus_on_32_gpus_run_two_at_a_time_in_creation_order(
     cluster: Any, kubectl: Kubectl, operator: Any, namespace: str
 ) -> None:
-    nodes = cluster.add_gpu_nodes(NODES, gpus_per_node=GPUS_PER_NODE, prefix=f"compete-{namespace}")
-    kubectl("label", "node", *nodes, f"pool={namespace}")
-    kubectl("taint", "nodes", *nodes, f"{TAINT_KEY}=true:NoSchedule", "--overwrite")
+    nodes = _pool(cluster, kubectl, namespace, NODES, "compete")
     names = [f"job-{i:02d}" for i in range(JOBS)]
-    manifests = []
-    for name in names:
-        manifest = job_manifest(
-            name,
-            namespace,
-            resources={
-                "nodes": 2,
-                "gpusPerNode": GPUS_PER_NODE,
-                "nodeSelector": {"pool": namespace},
-                "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-            },
-        )
-        manifests.append(manifest)
+    manifests = [_pool_job(name, namespace) for name in names]
     started = time.monotonic()
     # One request per job in name order: creation order is name order (creationTimestamps have
     # one-second resolution; the queue breaks their ties by name).
@@ -161,26 +175,10 @@ def test_a_higher_priority_job_waiting_for_gpus_starts_before_an_older_lower_one
     """Queue order is PriorityClass value first, then creation time: with the pool busy, an older
     low-priority job and a newer high-priority one both wait; when the GPUs free up the
     high-priority one is planned first, and the low one after it."""
-    nodes = cluster.add_gpu_nodes(2, gpus_per_node=GPUS_PER_NODE, prefix=f"prio-{namespace}")
-    kubectl("label", "node", *nodes, f"pool={namespace}")
-    kubectl("taint", "nodes", *nodes, f"{TAINT_KEY}=true:NoSchedule", "--overwrite")
+    nodes = _pool(cluster, kubectl, namespace, 2, "prio")
     high = f"shardwise-high-{namespace}"
     kubectl("create", "priorityclass", high, "--value=100000")
-
-    def job(name: str, priority_class: str | None = None) -> dict[str, Any]:
-        manifest = job_manifest(
-            name,
-            namespace,
-            resources={
-                "nodes": 2,
-                "gpusPerNode": GPUS_PER_NODE,
-                "nodeSelector": {"pool": namespace},
-                "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-            },
-        )
-        if priority_class:
-            manifest["spec"]["template"]["spec"]["priorityClassName"] = priority_class
-        return manifest
+    job = functools.partial(_pool_job, namespace=namespace)
 
     def running(name: str) -> list[dict[str, Any]] | None:
         pods = kubectl.pods(namespace, name)
@@ -195,7 +193,7 @@ def test_a_higher_priority_job_waiting_for_gpus_starts_before_an_older_lower_one
         kubectl.apply(job("low"))
         wait_for("low waiting", lambda: waiting("low"), timeout=60)
         time.sleep(1.1)  # a later creationTimestamp (second resolution)
-        kubectl.apply(job("urgent", high))
+        kubectl.apply(job("urgent", priority_class=high))
         wait_for("urgent waiting", lambda: waiting("urgent"), timeout=60)
         for pod in busy:
             kubectl.exit_pod(namespace, pod["metadata"]["name"], 0)
