@@ -22,8 +22,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from kubernetes_asyncio import client as k8s_client  # noqa: E402
-from kubernetes_asyncio import watch as k8s_watch  # noqa: E402
 from tests.operator_process import running_operator  # noqa: E402
 
 from cluster import LocalCluster  # noqa: E402
@@ -74,19 +72,19 @@ async def measure(kubeconfig: str, jobs: int) -> dict[str, Any]:
     # server that is being measured. It starts before the burst so no pod is seen late.
     complete: dict[str, float] = {}
     seen: dict[str, set[str]] = {}
-    core = k8s_client.CoreV1Api(kube.api)
+    pods_path = f"/api/v1/namespaces/{namespace}/pods"
+    listing = await kube.request("GET", pods_path)
 
     async def watch_pods() -> None:
-        async with k8s_watch.Watch() as watch:
-            async for event in watch.stream(core.list_namespaced_pod, namespace, timeout_seconds=300):
-                pod = event["object"]
-                owner = (pod.metadata.labels or {}).get("shardwise.dev/job-name")
-                if owner and owner not in complete:
-                    seen.setdefault(owner, set()).add(pod.metadata.name)
-                    if len(seen[owner]) == 2:
-                        complete[owner] = time.monotonic()
-                if len(complete) == jobs:
-                    return
+        async for event in kube.watch(pods_path, listing["metadata"]["resourceVersion"], timeout_seconds=300):
+            meta = (event.get("object") or {}).get("metadata") or {}
+            owner = (meta.get("labels") or {}).get("shardwise.dev/job-name")
+            if event.get("type") != "BOOKMARK" and owner and owner not in complete:
+                seen.setdefault(owner, set()).add(meta["name"])
+                if len(seen[owner]) == 2:
+                    complete[owner] = time.monotonic()
+            if len(complete) == jobs:
+                return
 
     watcher = asyncio.create_task(watch_pods())
     await asyncio.sleep(1.0)

@@ -10,8 +10,9 @@ docs/node-runner.md describes it; `hack/node-runner --help` lists its flags.
 
 The module has two halves: pure functions (`$(VAR)` expansion, env building, path and DNS
 rewriting, status builders; unit-tested in tests/unit/test_node_runner_pure.py) and the runtime
-(`Kube`, a small aiohttp client; `PodWorker`, one per pod; `LogServer`; `NodeRunner`). It imports neither
-kopf nor torch, and nothing from the operator package.
+(`PodWorker`, one per pod; `LogServer`; `NodeRunner`). It talks to the API server through the
+operator's own client (shardwise.kube.client: lightkube's kubeconfig and HTTP, the one retry
+policy) and imports neither kopf nor torch, nor anything else from the operator package.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
-
-from shardwise.kube.retry import RetryPolicy
+from shardwise.kube.client import Kube, KubeError, WatchExpiredError
 
 log = logging.getLogger("node-runner")
 
@@ -675,161 +674,6 @@ def log_path(state_dir: Path, namespace: str, name: str, uid: str | None = None)
 
 
 # ================================================================================================
-# Runtime: the API client
-# ================================================================================================
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, body: str, what: str, headers: Mapping[str, str] | None = None) -> None:
-        self.status = status
-        self.headers = dict(headers or {})  # Retry-After, for the retry policy
-        try:
-            self.reason = json.loads(body).get("message", body)
-        except ValueError:
-            self.reason = body
-        super().__init__(f"{what}: HTTP {status}: {str(self.reason)[:500]}")
-
-
-class GoneError(Exception):
-    """A watch's resourceVersion is too old (HTTP 410): relist."""
-
-
-class Kube:
-    """A small JSON client for the few API calls a kubelet makes (aiohttp, kubeconfig auth)."""
-
-    def __init__(self, kubeconfig: str | None) -> None:
-        self.kubeconfig = kubeconfig
-        self.base = ""
-        self.headers: dict[str, str] = {}
-        self.session: aiohttp.ClientSession | None = None
-
-    async def open(self) -> None:
-        # kubernetes_asyncio only parses the kubeconfig (client certs, tokens, exec plugins).
-        from kubernetes_asyncio.client import Configuration  # noqa: PLC0415
-        from kubernetes_asyncio.config import kube_config  # noqa: PLC0415
-
-        cfg = Configuration()
-        await kube_config.load_kube_config(
-            config_file=self.kubeconfig, client_configuration=cfg, persist_config=False
-        )
-        self.base = str(cfg.host).rstrip("/")
-        ctx = (
-            ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-            if cfg.ssl_ca_cert
-            else ssl.create_default_context()
-        )
-        if not cfg.verify_ssl:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cfg.cert_file:
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        token = cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")
-        if token:
-            self.headers["Authorization"] = (
-                token if token.lower().startswith("bearer ") else f"Bearer {token}"
-            )
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=20))
-
-    async def close(self) -> None:
-        if self.session:
-            await self.session.close()
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        params: Mapping[str, str] | None = None,
-        content_type: str = "application/json",
-        retries: int = 5,
-        timeout: float = 30,
-    ) -> Any:
-        """One API call; retried on connection errors, 429 and 5xx after the server's Retry-After,
-        else jittered backoff (shardwise.kube.retry, the operator's policy); ApiError otherwise."""
-        assert self.session is not None
-        policy = RetryPolicy(attempts=retries + 1)
-        for attempt in range(retries + 1):
-            headers: Mapping[str, str] | None = None
-            try:
-                async with self.session.request(
-                    method,
-                    self.base + path,
-                    params=params,
-                    data=None if body is None else json.dumps(body),
-                    headers={**self.headers, "Content-Type": content_type, "Accept": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=timeout),
-                ) as resp:
-                    text = await resp.text()
-                    if resp.status >= 400:
-                        raise ApiError(resp.status, text, f"{method} {path}", resp.headers)
-                    return json.loads(text) if text else {}
-            except ApiError as err:
-                if not policy.retryable(err.status, attempt):
-                    raise
-                headers = err.headers
-            except (aiohttp.ClientError, TimeoutError) as err:
-                if not policy.retryable(None, attempt):
-                    raise
-                log.debug("%s %s failed (%s); retrying", method, path, err)
-            delay = policy.delay(attempt, headers)
-            log.debug("%s %s: retrying in %.2fs", method, path, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    async def get(self, path: str, **kw: Any) -> Any:
-        return await self.request("GET", path, **kw)
-
-    async def get_or_none(self, path: str) -> Any:
-        try:
-            return await self.get(path)
-        except ApiError as err:
-            if err.status == 404:
-                return None
-            raise
-
-    async def merge_patch(self, path: str, body: Any) -> Any:
-        return await self.request("PATCH", path, body, content_type="application/merge-patch+json")
-
-    async def watch(
-        self, path: str, resource_version: str, timeout_seconds: int = 240
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Watch events from resource_version (bookmarks on). Gone on HTTP 410 / an expired watch."""
-        assert self.session is not None
-        params = {
-            "watch": "1",
-            "resourceVersion": resource_version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(timeout_seconds),
-        }
-        async with self.session.get(
-            self.base + path,
-            params=params,
-            headers={**self.headers, "Accept": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30),
-        ) as resp:
-            if resp.status == 410:
-                raise GoneError()
-            if resp.status >= 400:
-                raise ApiError(resp.status, await resp.text(), f"WATCH {path}")
-            buffer = b""
-            # Split lines ourselves: an object can exceed aiohttp's readline limit.
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if event.get("type") == "ERROR":
-                        status = event.get("object") or {}
-                        if status.get("code") == 410:
-                            raise GoneError()
-                        raise ApiError(int(status.get("code") or 500), json.dumps(status), f"WATCH {path}")
-                    yield event
-
-
-# ================================================================================================
 # Runtime: one worker per pod
 # ================================================================================================
 
@@ -925,19 +769,18 @@ class PodWorker:
         deadline = time.monotonic() + 600
         while True:
             try:
-                updated = await self.runner.kube.merge_patch(f"{self.path}/status", {"status": status})
+                updated = await self.runner.kube.merge_patch_path(f"{self.path}/status", {"status": status})
                 if updated.get("metadata", {}).get("uid") == self.uid:
                     self.pod = updated
                 return
-            except ApiError as err:
+            except KubeError as err:
                 if err.status == 404:
                     self.gone.set()
                     return
-                if err.status < 500 and err.status != 429:
+                # Status 0: no answer at all (the client's retries ran out), as transient as a 5xx.
+                if 0 < err.status < 500 and err.status != 429:
                     log.warning("Pod %s: status update rejected: %s", self.key, err)
                     return
-                problem: Exception = err
-            except (aiohttp.ClientError, TimeoutError) as err:
                 problem = err
             if time.monotonic() > deadline or self.gone.is_set():
                 log.error("Pod %s: status update failed, giving up: %s", self.key, problem)
@@ -958,7 +801,7 @@ class PodWorker:
         try:
             await self.runner.kube.request("DELETE", self.path, body)
             log.info("Pod %s: deleted", self.key)
-        except ApiError as err:
+        except KubeError as err:
             if err.status not in (404, 409):
                 log.warning("Pod %s: delete failed: %s", self.key, err)
 
@@ -992,7 +835,7 @@ class PodWorker:
         found: dict[tuple[str, str], dict[str, str] | None] = {}
         for kind, name in wanted:
             plural = "configmaps" if kind == "configmap" else "secrets"
-            obj = await self.runner.kube.get_or_none(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
+            obj = await self.runner.kube.get_path(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
             if obj is None:
                 found[(kind, name)] = None
             elif kind == "configmap":
@@ -1517,7 +1360,8 @@ class NodeRunner:
 
     def __init__(self, cfg: RunnerConfig) -> None:
         self.cfg = cfg
-        self.kube = Kube(cfg.kubeconfig)
+        # The operator's client and retry policy; six attempts, as a kubelet keeps trying longer.
+        self.kube = Kube.from_kubeconfig(cfg.kubeconfig, attempts=6, timeout_seconds=30.0)
         self.node_set = set(cfg.nodes)
         self.node_uids: dict[str, str] = {}
         self.workers: dict[str, PodWorker] = {}  # by pod uid
@@ -1601,15 +1445,15 @@ class NodeRunner:
                 log.info(
                     "Node %s: registered (%d x %s)", name, self.cfg.shape.gpus, self.cfg.shape.gpu_product
                 )
-            except ApiError as err:
+            except KubeError as err:
                 if err.status != 409:
                     raise
-                node = await self.kube.get(f"/api/v1/nodes/{name}")
+                node = await self.kube.request("GET", f"/api/v1/nodes/{name}")
                 if KWOK_ANNOTATION in (node["metadata"].get("annotations") or {}):
                     raise SystemExit(
                         f"Node {name} is managed by KWOK ({KWOK_ANNOTATION}); pick another --name-prefix"
                     ) from err
-                node = await self.kube.merge_patch(
+                node = await self.kube.merge_patch_path(
                     f"/api/v1/nodes/{name}", {"metadata": {"labels": manifest["metadata"]["labels"]}}
                 )
                 log.info("Node %s: taken over (already registered)", name)
@@ -1618,18 +1462,18 @@ class NodeRunner:
             await self.renew_lease(name)
 
     async def heartbeat_status(self, name: str) -> None:
-        node = await self.kube.get(f"/api/v1/nodes/{name}")
+        node = await self.kube.request("GET", f"/api/v1/nodes/{name}")
         old = (node.get("status") or {}).get("conditions")
         status = node_status(
             self.cfg.shape, self.cfg.host_ip, name, rfc3339(), old, kubelet_port=self.logs.port
         )
         # A merge patch replaces the lists: no stale address survives a takeover.
-        await self.kube.merge_patch(f"/api/v1/nodes/{name}/status", {"status": status})
+        await self.kube.merge_patch_path(f"/api/v1/nodes/{name}/status", {"status": status})
 
     async def renew_lease(self, name: str) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{name}"
         try:
-            await self.kube.merge_patch(
+            await self.kube.merge_patch_path(
                 path,
                 {
                     "spec": {
@@ -1639,7 +1483,7 @@ class NodeRunner:
                     }
                 },
             )
-        except ApiError as err:
+        except KubeError as err:
             if err.status != 404:
                 raise
             await self.kube.request(
@@ -1667,7 +1511,7 @@ class NodeRunner:
             for name in self.cfg.nodes:
                 try:
                     await self.heartbeat_status(name)
-                except ApiError as err:
+                except KubeError as err:
                     if err.status == 404:  # someone deleted the node: register it again
                         log.warning("Node %s: deleted from the API; registering again", name)
                         with contextlib.suppress(Exception):
@@ -1683,7 +1527,7 @@ class NodeRunner:
         while time.monotonic() < deadline:
             pending = []
             for name in self.cfg.nodes:
-                node = await self.kube.get(f"/api/v1/nodes/{name}")
+                node = await self.kube.request("GET", f"/api/v1/nodes/{name}")
                 taints = (node.get("spec") or {}).get("taints") or []
                 if any(t.get("key", "").startswith("node.kubernetes.io/") for t in taints):
                     pending.append(name)
@@ -1699,7 +1543,7 @@ class NodeRunner:
                 f"/api/v1/nodes/{name}",
             ):
                 try:
-                    await self.kube.request("DELETE", path, retries=1, timeout=10)
+                    await self.kube.request("DELETE", path, attempts=2, timeout=10)
                 except Exception as err:
                     log.debug("delete %s: %s", path, err)
             log.info("Node %s: deleted (--cleanup)", name)
@@ -1791,13 +1635,13 @@ class NodeRunner:
         )
         meta = pod["metadata"]
         log.warning("Pod %s: lost by a previous runner instance; reporting Failed", pod_key(pod))
-        with contextlib.suppress(ApiError):
-            await self.kube.merge_patch(
+        with contextlib.suppress(KubeError):
+            await self.kube.merge_patch_path(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": body}
             )
 
     async def _relist(self) -> str:
-        listing = await self.kube.get("/api/v1/pods")
+        listing = await self.kube.request("GET", "/api/v1/pods")
         seen = set()
         initial = not self.synced.is_set()
         for pod in listing.get("items") or []:
@@ -1830,7 +1674,7 @@ class NodeRunner:
                     if event.get("type") != "BOOKMARK":
                         await self.on_pod(str(event.get("type")), obj)
                 backoff = 0.5
-            except GoneError:
+            except WatchExpiredError:
                 log.info("pod watch expired; relisting")
                 rv = None
             except asyncio.CancelledError:
@@ -1846,7 +1690,6 @@ class NodeRunner:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.state_dir / "pods").mkdir(exist_ok=True)
         self._kill_leftovers()
-        await self.kube.open()
         try:
             if self.cfg.log_server:
                 await self.logs.start()

@@ -398,12 +398,7 @@ async def _post_through_a_slow_proxy(cluster: Any, namespace: str) -> int:
         port = sock.getsockname()[1]
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    from kubernetes_asyncio import client as k8s_client  # noqa: PLC0415
-
-    kube = Kube(
-        api=k8s_client.ApiClient(k8s_client.Configuration(host=f"http://127.0.0.1:{port}")),
-        attempts=3, base_delay=0.05, timeout_seconds=1.0,
-    )  # fmt: skip
+    kube = Kube.for_server(f"http://127.0.0.1:{port}", attempts=3, base_delay=0.05, timeout_seconds=1.0)
     job = {"metadata": {"name": "ghost", "namespace": namespace, "uid": "0000"}}
     try:
         await post_event(kube, job, "Normal", "Probe", "posted once")

@@ -79,10 +79,9 @@ async def _call(script: list[int | str], attempts: int = 5) -> tuple[dict[str, A
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    from kubernetes_asyncio import client as k8s_client  # noqa: PLC0415
-
-    config = k8s_client.Configuration(host=f"http://127.0.0.1:{port}")
-    kube = Kube(api=k8s_client.ApiClient(config), attempts=attempts, base_delay=0.01, timeout_seconds=1.0)
+    kube = Kube.for_server(
+        f"http://127.0.0.1:{port}", attempts=attempts, base_delay=0.01, timeout_seconds=1.0
+    )
     try:
         result: dict[str, Any] | KubeError = await kube.get("v1", "Pod", "ns", "p")
     except KubeError as exc:

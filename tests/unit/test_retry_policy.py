@@ -1,14 +1,16 @@
-"""The API clients' one retry policy (shardwise.kube.retry): Retry-After honoured, over real HTTP.
+"""The one API client's retry policy (shardwise.kube.retry): Retry-After honoured, over real HTTP.
 
-The pure part is table-driven; the clients (the operator's Kube on kubernetes_asyncio and the
-node runner's aiohttp client) are run against a real aiohttp server that throttles with 429 / 503
-and a Retry-After header, so the wait is the one a real API server asks for.
+The pure part is table-driven; the client (shardwise.kube.client.Kube on lightkube, which the
+operator and the node runner both use) runs against a real aiohttp server that throttles with
+429 / 503 and a Retry-After header, so the wait is the one a real API server asks for, and that
+ends watches the ways an API server does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 import time
 from datetime import UTC, datetime
@@ -18,9 +20,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from kubernetes_asyncio import client as k8s_client
 
-from shardwise.kube.client import Kube, KubeError
+from shardwise.kube.client import Kube, KubeError, WatchExpiredError
 from shardwise.kube.retry import RetryPolicy, retry_after_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,9 +110,8 @@ def node_runner() -> ModuleType:
 
 
 async def operator_get(port: int) -> Any:
-    config = k8s_client.Configuration(host=f"http://127.0.0.1:{port}")
     # base_delay tiny: without Retry-After the retry would come back within milliseconds.
-    kube = Kube(api=k8s_client.ApiClient(config), attempts=3, base_delay=0.001, timeout_seconds=5.0)
+    kube = Kube.for_server(f"http://127.0.0.1:{port}", attempts=3, base_delay=0.001, timeout_seconds=5.0)
     try:
         return await kube.get("v1", "Pod", "ns", "p")
     except KubeError as exc:
@@ -121,21 +121,22 @@ async def operator_get(port: int) -> Any:
 
 
 async def runner_get(port: int) -> Any:
-    runner_module = node_runner()
-    import aiohttp  # noqa: PLC0415
-
-    kube = runner_module.Kube(None)
-    kube.base = f"http://127.0.0.1:{port}"
-    kube.session = aiohttp.ClientSession()
+    """The node runner's way: a raw path, its own attempt budget for the call."""
+    kube = Kube.for_server(f"http://127.0.0.1:{port}", base_delay=0.001, timeout_seconds=5.0)
     try:
-        return await kube.request("GET", "/api/v1/namespaces/ns/pods/p", retries=2)
-    except runner_module.ApiError as exc:
+        return await kube.request("GET", "/api/v1/namespaces/ns/pods/p", attempts=3)
+    except KubeError as exc:
         return exc
     finally:
         await kube.close()
 
 
 CLIENTS = {"operator": operator_get, "node-runner": runner_get}
+
+
+def test_the_node_runner_uses_the_operator_client() -> None:
+    module = node_runner()
+    assert module.Kube is Kube and module.KubeError is KubeError
 
 
 async def run(client: str, script: list[tuple[int, str | None]]) -> tuple[Any, Throttling]:
@@ -162,3 +163,73 @@ def test_without_retry_after_the_client_backs_off_and_gives_up_after_the_budget(
     result, server = asyncio.run(run(client, [(503, None)] * 5))
     assert len(server.arrivals) == 3  # 3 attempts
     assert getattr(result, "status", None) == 503
+
+
+class Watching:
+    """Serves one watch: the scripted lines (JSON events), or a bare HTTP status."""
+
+    def __init__(self, lines: list[dict[str, Any]] | None = None, status: int = 200) -> None:
+        self.lines = lines or []
+        self.status = status
+        self.queries: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.queries.append(dict(request.query))
+        if self.status != 200:
+            return web.json_response({"kind": "Status", "code": self.status}, status=self.status)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for line in self.lines:
+            await response.write(json.dumps(line).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+
+async def watch(server: Watching) -> tuple[list[dict[str, Any]], BaseException | None]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    kube = Kube.for_server(f"http://127.0.0.1:{port}")
+    events: list[dict[str, Any]] = []
+    try:
+        async for event in kube.watch("/api/v1/pods", "41", timeout_seconds=5):
+            events.append(event)
+    except (KubeError, WatchExpiredError) as exc:
+        return events, exc
+    finally:
+        await kube.close()
+        await runner.cleanup()
+    return events, None
+
+
+def test_a_watch_yields_events_and_bookmarks_until_the_server_ends_it() -> None:
+    pod = {"kind": "Pod", "metadata": {"name": "p", "resourceVersion": "42"}}
+    server = Watching([{"type": "ADDED", "object": pod}, {"type": "BOOKMARK", "object": pod}])
+    events, error = asyncio.run(watch(server))
+    assert error is None
+    assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
+    assert server.queries == [
+        {"watch": "1", "resourceVersion": "41", "allowWatchBookmarks": "true", "timeoutSeconds": "5"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        Watching(status=410),  # the version is gone before the watch starts
+        Watching([{"type": "ERROR", "object": {"kind": "Status", "code": 410}}]),  # ... or during it
+    ],
+    ids=["response", "event"],
+)
+def test_an_expired_watch_says_so_to_relist(server: Watching) -> None:
+    _, error = asyncio.run(watch(server))
+    assert isinstance(error, WatchExpiredError)
+
+
+def test_a_watch_error_other_than_gone_is_raised_with_its_status() -> None:
+    _, error = asyncio.run(watch(Watching([{"type": "ERROR", "object": {"kind": "Status", "code": 500}}])))
+    assert isinstance(error, KubeError) and error.status == 500
