@@ -89,7 +89,8 @@ class Throttling:
         return web.json_response({"kind": "Pod", "metadata": {"name": "p"}})
 
 
-async def serve(server: Throttling) -> tuple[web.AppRunner, int]:
+async def serve(server: Throttling | Watching) -> tuple[web.AppRunner, int]:
+    """Serves every path with ``server.handle`` on a free loopback port."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
     runner = web.AppRunner(app)
@@ -186,13 +187,7 @@ class Watching:
 
 
 async def watch(server: Watching) -> tuple[list[dict[str, Any]], BaseException | None]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(server)
     kube = Kube.for_server(f"http://127.0.0.1:{port}")
     events: list[dict[str, Any]] = []
     try:
