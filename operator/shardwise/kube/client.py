@@ -139,7 +139,8 @@ class Kube:
             raise KubeError(0, "ConfigError", "the kubeconfig names no current context")
         # A burst of job creations must not queue behind a handful of pooled connections; the
         # API server handles many more concurrent requests than that.
-        params = ConnectionParams(timeout=httpx2.Timeout(options.get("timeout_seconds", 20.0)))
+        # No client-wide timeout to keep in step: every call and watch passes its own.
+        params = ConnectionParams()
         http = httpx2.AsyncClient(
             **params.httpx_params(single),
             limits=httpx2.Limits(max_connections=64, max_keepalive_connections=32),
@@ -283,7 +284,7 @@ class Kube:
         path = resource_path(api_version, kind, namespace, name)
         if subresource:
             path += f"/{subresource}"
-        return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        return await self.merge_patch_path(path, patch)
 
     async def delete(
         self,
