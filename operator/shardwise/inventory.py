@@ -167,6 +167,20 @@ def pod_gpu_request(pod: Mapping[str, Any], resource: str) -> int:
     return max(main, init)
 
 
+_STANDARD_RESOURCES = ("cpu", "memory", "ephemeral-storage", "pods")
+
+
+def holds_devices(pod: Mapping[str, Any]) -> bool:
+    """The pod asks for an extended resource (a GPU of any vendor, say), not only CPU and memory."""
+    spec = pod.get("spec") or {}
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        res = container.get("resources") or {}
+        for name in [*(res.get("limits") or {}), *(res.get("requests") or {})]:
+            if name not in _STANDARD_RESOURCES and not name.startswith("hugepages-"):
+                return True
+    return False
+
+
 def _ready(node: Mapping[str, Any]) -> bool:
     for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":

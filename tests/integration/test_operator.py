@@ -227,6 +227,74 @@ def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
     assert pods[0]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == product
 
 
+def test_a_job_waiting_for_gpus_starts_when_another_workloads_pod_gives_them_back(
+    kubectl: Kubectl, operator: OperatorProcess, namespace: str
+) -> None:
+    # Pods the operator never owned (another team's Deployment, a job of a namespace being
+    # deleted) hold GPUs too: when they go, a waiting job gets its turn at once, not at its
+    # next routine requeue a minute later.
+    blockers = [f"blocker-{i}" for i in range(2)]
+    for name in blockers:
+        kubectl.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": {"app": "blocker"}},
+                "spec": {
+                    "containers": [
+                        {"name": "x", "image": "busybox", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+                    ],
+                    # One per node, so no node keeps all 8 GPUs free.
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "labelSelector": {"matchLabels": {"app": "blocker"}},
+                                    "topologyKey": "kubernetes.io/hostname",
+                                }
+                            ]
+                        }
+                    },
+                    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                    "terminationGracePeriodSeconds": 0,
+                },
+            }
+        )
+    wait_for(
+        "both blockers running",
+        lambda: all(
+            ((kubectl.try_json("get", "pod", "-n", namespace, n) or {}).get("status") or {}).get("phase")
+            == "Running"
+            for n in blockers
+        ),
+    )
+    kubectl.apply(
+        job_manifest(
+            "patient",
+            namespace,
+            resources={"nodes": 1, "gpusPerNode": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3"},
+        )
+    )
+    job = wait_for(
+        "Planned=False",
+        lambda: (
+            (j := kubectl.job(namespace, "patient"))
+            and (c := condition(j, "Planned"))
+            and c["status"] == "False"
+            and j
+        ),
+    )
+    assert (condition(job, "Planned") or {}).get("reason") == "InsufficientGpus"
+
+    kubectl("delete", "pod", "-n", namespace, blockers[0], "--wait=true")
+    # Well inside the 60 s requeue an unplanned job otherwise waits for.
+    wait_for(
+        "the job planned once a node is free",
+        lambda: (c := condition(kubectl.job(namespace, "patient"), "Planned")) and c["status"] == "True",
+        timeout=20,
+    )
+
+
 def test_pods_with_the_jobs_labels_but_another_owner_are_ignored(
     kubectl: Kubectl, operator: OperatorProcess, namespace: str
 ) -> None:

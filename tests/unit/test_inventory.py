@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from shardwise.inventory import InventoryError, choose_shape, gpu_nodes, parse_quantity, pod_gpu_request
+from shardwise.inventory import (
+    InventoryError,
+    choose_shape,
+    gpu_nodes,
+    holds_devices,
+    parse_quantity,
+    pod_gpu_request,
+)
 
 
 def node(
@@ -85,6 +92,26 @@ def test_pod_gpu_request_counts_containers_and_init_max() -> None:
     }
     assert pod_gpu_request(p, "nvidia.com/gpu") == 4
     assert pod_gpu_request(p, "amd.com/gpu") == 0
+
+
+@pytest.mark.parametrize(
+    ("resources", "init", "holds"),
+    [
+        ({"limits": {"nvidia.com/gpu": "1"}}, None, True),
+        ({"requests": {"amd.com/gpu": "2", "cpu": "1"}}, None, True),
+        ({"requests": {"cpu": "2", "memory": "1Gi", "ephemeral-storage": "1Gi"}}, None, False),
+        ({"limits": {"hugepages-2Mi": "64Mi"}}, None, False),
+        ({}, {"limits": {"habana.ai/gaudi": "1"}}, True),
+        ({}, None, False),
+    ],
+)
+def test_holds_devices_means_any_extended_resource(
+    resources: dict[str, Any], init: dict[str, Any] | None, holds: bool
+) -> None:
+    spec: dict[str, Any] = {"containers": [{"resources": resources}]}
+    if init is not None:
+        spec["initContainers"] = [{"resources": init}]
+    assert holds_devices({"spec": spec}) is holds
 
 
 def test_free_gpus_subtract_live_pods_of_other_workloads_only() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from shardwise import lifecycle
+from shardwise import inventory, lifecycle
 from shardwise.handlers.monitor import Monitor
 from shardwise.handlers.reconcile import ClusterView, JobKey, Reconciler
 from shardwise.handlers.workqueue import WorkQueue
@@ -65,6 +65,8 @@ class Controller:
     node_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     # Whether each job's last pass left it holding GPUs (planned, not finished).
     holding: dict[JobKey, bool] = field(default_factory=dict)
+    # Uids of live pods asking for devices: when one ends or goes, waiting jobs may fit.
+    device_pods: set[str] = field(default_factory=set)
     # Per job: consecutive failed passes and when the last one failed (monotonic seconds).
     failures: dict[JobKey, tuple[int, float]] = field(default_factory=dict)
     kube: Kube | None = None
@@ -204,11 +206,13 @@ class Controller:
         if entry is not None and time.monotonic() - entry[1] >= failure_backoff(entry[0], 1.0):
             del self.failures[key]
 
-    def poke_waiting_jobs(self) -> None:
-        """Inventory changed: every job that is not finished gets a pass (unplanned ones may fit now)."""
+    def poke_waiting_jobs(self, *, unplanned_only: bool = False) -> None:
+        """Inventory changed: every job that is not finished (or only those not planned yet)
+        gets a pass: unplanned ones may fit now."""
         for values in self.indexes.get("shardwise_jobs", {}).values():
             for job in values:
-                if not finished(job.get("status") or {}):
+                status = job.get("status") or {}
+                if not finished(status) and not (unplanned_only and status.get("layout")):
                     meta = job["metadata"]
                     self.queue.add((meta["namespace"], meta["name"]))
 
@@ -354,6 +358,21 @@ async def _job_event(event: kopf.RawEvent, namespace: str | None, name: str, **k
 async def _job_pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
     _remember_indexes(kwargs)
     CONTROLLER.queue.add((namespace or "", labels[LABEL_JOB]))
+
+
+@kopf.on.event("", "v1", "pods")
+async def _pod_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    # Devices come back when any pod that held them ends or goes, whoever owned it: another
+    # operator's job, a job in a namespace being deleted, a plain Deployment. Waiting jobs get
+    # their turn then, not at their next routine requeue.
+    _remember_indexes(kwargs)
+    uid = str(body["metadata"].get("uid") or "")
+    live = event.get("type") != "DELETED" and _is_live(body.status)
+    if live and inventory.holds_devices(body):
+        CONTROLLER.device_pods.add(uid)
+    elif uid in CONTROLLER.device_pods:
+        CONTROLLER.device_pods.discard(uid)
+        CONTROLLER.poke_waiting_jobs(unplanned_only=True)
 
 
 @kopf.on.event("", "v1", "nodes")
