@@ -1,10 +1,10 @@
-"""Resume after a re-plan, measured: a tiny DP2 ZeRO-2 run checkpoints and stops, the next attempt
-runs at DP1 and resumes through DeepSpeed's universal conversion — save, conversion and load times,
-steps lost.
+"""Resume after a re-plan, measured: a tiny run checkpoints and stops, the next attempt runs at
+another DP or TP size and resumes through the universal conversion — save, conversion and load
+times, steps lost (CASES).
 
 The built-in test model (tests/trainer/layouts.py, ~180 k parameters) trains STEPS steps with a
 checkpoint every EVERY steps; the first attempt runs only to KILLED_AT (as if its node was lost
-there), the second resumes at DP1 up to STEPS. CPU, gloo, one torchrun at a time.
+there), the second resumes at the other layout up to STEPS. CPU, gloo, one torchrun at a time.
 
     python benchmarks/resume.py
 
@@ -29,37 +29,52 @@ EVERY = 4
 KILLED_AT = 6  # the first attempt stops here: steps 5 and 6 are lost
 
 
-def main() -> None:
+#: (written at, resumed at): another DP size, and another TP size (with and without ZeRO).
+CASES = [("dp2-zero2", "single"), ("tp2-dp2", "dp2-zero1"), ("tp2", "single")]
+
+
+def _case(saved: str, resumed_at: str) -> tuple[str, ...]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         runs = RunCache(work)
         ckpt = work / "ckpt"
         args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY), "--checkpoint-keep", "2")
-        first = run_trainer(runs.layout_path("dp2-zero2"), nproc=nproc_of(LAYOUTS["dp2-zero2"]),
-                            steps=KILLED_AT, args=args)  # fmt: skip
+        first = run_trainer(
+            runs.layout_path(saved), nproc=nproc_of(LAYOUTS[saved]), steps=KILLED_AT, args=args
+        )
         (ckpt / f"step{KILLED_AT}").rename(ckpt / ".dropped")  # the final save a lost node never makes
         (ckpt / "latest").write_text(f"step{EVERY}")
         saves = [c for c in first.events["checkpoint"] if c["step"] == EVERY]
-        second = run_trainer(runs.layout_path("single"), nproc=1, steps=STEPS, args=args)
+        second = run_trainer(
+            runs.layout_path(resumed_at), nproc=nproc_of(LAYOUTS[resumed_at]), steps=STEPS, args=args
+        )
         resume = second.events["resume"][0]
-    lost = KILLED_AT - resume["step"]
-    rows = [
-        ("checkpoint save at DP2 ZeRO-2 (step 4, all ranks + markers)", f"{saves[0]['seconds']:.3f} s"),
-        ("universal conversion (ds_to_universal, rank 0)", f"{resume['convert_seconds']:.3f} s"),
-        ("resume total at DP1 (find + convert + load, before step 5)", f"{resume['seconds']:.3f} s"),
-        ("load alone (resume total - conversion)", f"{resume['seconds'] - resume['convert_seconds']:.3f} s"),
-        ("steps lost (stopped at 6, resumed from 4)", str(lost)),
-        ("resumed from step", str(resume["step"])),
-    ]
+    return (
+        f"{saved} -> {resumed_at}",
+        f"{saves[0]['seconds']:.3f}",
+        f"{resume['convert_seconds']:.3f}",
+        f"{resume['seconds']:.3f}",
+        f"{resume['seconds'] - resume['convert_seconds']:.3f}",
+        str(KILLED_AT - resume["step"]),
+        str(resume["step"]),
+    )
+
+
+def main() -> None:
+    rows = [_case(saved, resumed_at) for saved, resumed_at in CASES]
     lines = [
-        "# Resume across layouts: DP2 ZeRO-2 -> DP1",
+        "# Resume across layouts: DP size and TP size",
         "",
         f"`python benchmarks/resume.py` on {platform.machine()} / {platform.python_version()}, CPU, gloo; "
-        f"built-in test model, checkpoint every {EVERY} steps, first attempt stopped at step {KILLED_AT}.",
+        f"built-in test model, checkpoint every {EVERY} steps, first attempt stopped at step {KILLED_AT} "
+        "(its final save dropped, as a lost node never makes it). Layout names: "
+        "tests/trainer/trainer_runner.py LAYOUTS (`tp2-dp2` = TP2 DP2 ZeRO-1; `tp2` = TP2 without ZeRO; "
+        "`single` = one process).",
         "",
-        "| what | figure |",
-        "|---|---|",
-        *[f"| {a} | {b} |" for a, b in rows],
+        "| written at -> resumed at | save (s) | universal conversion (s) "
+        "| resume total: find + convert + load (s) | load alone (s) | steps lost | resumed from step |",
+        "|---|---|---|---|---|---|---|",
+        *["| " + " | ".join(r) + " |" for r in rows],
         "",
         "One run each (2 shared cores): figures, not thresholds.",
         "",

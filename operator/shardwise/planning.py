@@ -8,7 +8,7 @@ from typing import Any
 
 from shardwise.inventory import Shape
 from shardwise.jobspec import SpecError, pins_from_status_layout, request_from_spec
-from shardwise.planner import PlanInputError, PlanRequest, PlanResult, gpu, plan
+from shardwise.planner import PlanInputError, PlanRequest, PlanResult, capabilities, gpu, plan
 from shardwise.planner.request import PlannerSettings
 from shardwise.planner.search import REASON_RUNTIME_PREFIX
 from shardwise.planner.units import GIB
@@ -58,15 +58,22 @@ def _infeasible(result: PlanResult) -> PlanOutcome:
 
 
 def _held_to(request: PlanRequest, shards: tuple[int, int] | None) -> PlanRequest | None:
-    """The request with TP / PP pinned to a checkpoint's, unless the spec pins others (then the
-    user changed them and the checkpoint cannot resume anyway)."""
+    """The request pinned to what a checkpoint written at ``shards`` (tp, pp) must keep to resume
+    (capabilities.resume_held: its PP, and its TP when PP > 1), unless the spec pins others (then
+    the user changed them and the checkpoint cannot resume anyway)."""
     if shards is None:
         return None
-    tp, pp = shards
+    tp, pp = capabilities.resume_held(*shards)
     pins = request.pins
-    if (pins.tp not in (None, tp)) or (pins.pp not in (None, pp)):
+    if (tp is not None and pins.tp not in (None, tp)) or (pins.pp not in (None, pp)):
         return None
-    return dataclasses.replace(request, pins=dataclasses.replace(pins, tp=tp, pp=pp))
+    held = dataclasses.replace(pins, tp=pins.tp if tp is None else tp, pp=pp)
+    return dataclasses.replace(request, pins=held)
+
+
+def _held_text(shards: tuple[int, int]) -> str:
+    tp, pp = capabilities.resume_held(*shards)
+    return f"pp={pp}" if tp is None else f"tp={tp}, pp={pp}"
 
 
 def _plan_held(kept: PlanRequest | None) -> PlanResult | str:
@@ -85,10 +92,11 @@ def _not_resumable(shards: tuple[int, int], held: PlanOutcome, free: PlanResult)
     return PlanOutcome(
         False,
         "CheckpointNotResumable",
-        f"the latest checkpoint was written at tp={tp}, pp={pp}, and no layout with tp={tp}, pp={pp} fits"
-        f" what is left ({held.reason}: {held.message}); the trainer converts checkpoints across DP size"
-        f" and ZeRO stage only, so the job waits for GPUs that fit it. {free.choice.layout.describe()}"
-        " would fit, from step 0: move the checkpoint directory away (spec.checkpoint) to start over",
+        f"the latest checkpoint was written at tp={tp}, pp={pp}, and no layout with {_held_text(shards)}"
+        f" fits what is left ({held.reason}: {held.message}); the trainer converts checkpoints across"
+        " DP size, ZeRO stage and TP size (TP without pipeline parallelism), so the job waits for GPUs"
+        f" that fit it. {free.choice.layout.describe()} would fit, from step 0: move the checkpoint"
+        " directory away (spec.checkpoint) to start over",
     )
 
 
@@ -102,9 +110,10 @@ def plan_job(
 ) -> PlanOutcome:
     """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan;
     memory_correction (status.memoryCorrection.factor) scales the memory predictions;
-    checkpoint_shards, the (tp, pp) of the job's latest checkpoint, holds a re-plan to them (the
-    trainer converts checkpoints across DP size and ZeRO stage only), and a re-plan that could only
-    run at another TP / PP is refused (CheckpointNotResumable) rather than losing the progress.
+    checkpoint_shards, the (tp, pp) of the job's latest checkpoint, holds a re-plan to what the
+    trainer cannot convert (its PP; its TP when PP > 1: capabilities.resume_held), and a re-plan
+    that could only run elsewhere is refused (CheckpointNotResumable) rather than losing the
+    progress.
 
     The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,
     when given, overrides the label, as the CLI's --gpu-memory does.

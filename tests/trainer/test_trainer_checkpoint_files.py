@@ -49,6 +49,16 @@ def test_empty_directory_has_nothing_to_resume(tmp_path: Path) -> None:
         ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, False),
         ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 2}, True),
         ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 3}, True),
+        (
+            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1, "tp_patterns": True},
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
+            True,
+        ),
+        (
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 0, "tp_patterns": True},
+            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 0},
+            True,
+        ),
     ],
 )
 def test_resume_converts_only_when_the_sharding_changed(
@@ -61,12 +71,24 @@ def test_resume_converts_only_when_the_sharding_changed(
     assert resume.tag == ("step4-universal" if universal else "step4")
 
 
+def test_a_checkpoint_without_tp_patterns_keeps_its_tp(tmp_path: Path) -> None:
+    """Written before saves carried the TP slicing patterns: a resume at another TP would cut
+    row-parallel weights along the wrong dim, so it is refused; another DP size still converts."""
+    saved = {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1}
+    (_tag(tmp_path, 4) / ck.LAYOUT_FILE).write_text(json.dumps(saved))
+    with pytest.raises(contract.ContractError, match="no TP slicing patterns") as err:
+        ck.plan_resume(tmp_path, {**saved, "tp": 2, "dp": 1})
+    assert err.value.reason == "InvalidCheckpoint"
+    resume = ck.plan_resume(tmp_path, {**saved, "dp": 1})
+    assert resume is not None and resume.universal
+
+
 @pytest.mark.parametrize(
     ("saved", "current", "named"),
     [
         (
-            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1},
-            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
+            {"tp": 2, "pp": 2, "dp": 1, "zero_stage": 1},
+            {"tp": 1, "pp": 2, "dp": 2, "zero_stage": 1},
             "tp 2 -> 1",
         ),
         (
@@ -88,7 +110,7 @@ def test_a_checkpoint_that_cannot_be_converted_is_refused_not_ignored(
     with pytest.raises(contract.ContractError, match=named) as err:
         ck.plan_resume(tmp_path, current)
     assert err.value.reason == "InvalidCheckpoint"
-    assert "step4" in str(err.value) and "DP size and ZeRO stage only" in str(err.value)
+    assert "step4" in str(err.value) and "DP size, ZeRO stage and TP size" in str(err.value)
 
 
 @pytest.mark.parametrize(

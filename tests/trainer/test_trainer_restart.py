@@ -80,7 +80,7 @@ def test_killed_run_resumes_same_curve(trainer_runs: RunCache, tmp_path: Path, n
     assert max(diffs.values()) <= TOLERANCE, diffs
 
 
-#: (written at, resumed at): a checkpoint resumes at another DP size / ZeRO stage through
+#: (written at, resumed at): a checkpoint resumes at another DP size / ZeRO stage / TP size through
 #: DeepSpeed's universal conversion, made automatically by the trainer.
 #: A ZeRO-3 checkpoint resumes with its Adam step, at ZeRO-0 and at ZeRO-2, and back: the trainer
 #: completes DeepSpeed's ZeRO-3 conversion (checkpointing._complete_zero3_conversion) and names the
@@ -92,6 +92,12 @@ ACROSS = [
     ("dp2-zero3", "single"),
     ("dp2-zero3", "dp2-zero2"),
     ("dp2-zero2", "dp2-zero3"),
+    # TP size: the slices merge by the model's saved TP patterns and re-split at the new size,
+    # without ZeRO (the trainer's own conversion) and with ZeRO-1 (DeepSpeed's).
+    ("tp2", "single"),
+    ("single", "tp2"),
+    ("tp2-dp2", "dp2-zero1"),
+    ("dp2-zero1", "tp2-dp2"),
 ]
 
 

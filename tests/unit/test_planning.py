@@ -76,14 +76,24 @@ def test_reasons_for_not_planning(sections: dict[str, Any], shape: Shape, reason
 
 @pytest.mark.parametrize(
     ("shards", "tp", "pp"),
-    [((1, 1), 1, 1), ((2, 1), 2, 1), ((1, 2), 1, 2), ((4, 2), 4, 2)],
+    [((1, 2), 1, 2), ((4, 2), 4, 2), ((2, 4), 2, 4)],
 )
-def test_a_replan_keeps_the_tp_and_pp_of_the_latest_checkpoint(
+def test_a_replan_keeps_the_tp_and_pp_of_a_pipeline_checkpoint(
     shards: tuple[int, int], tp: int, pp: int
 ) -> None:
     outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=shards)
     assert outcome.feasible and outcome.layout_status is not None, outcome.message
     assert (outcome.layout_status["tensor"], outcome.layout_status["pipeline"]) == (tp, pp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_a_replan_of_a_checkpoint_without_pipeline_keeps_pp1_and_chooses_tp_freely(tp: int) -> None:
+    # The trainer converts TP slices without pipeline parallelism: the re-plan is the free plan at PP1.
+    free = plan_job(spec(resources={"gpus": 8}, parallelism={"pipeline": 1}), ONE_H100_NODE)
+    outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=(tp, 1))
+    assert outcome.feasible and outcome.layout_status is not None and free.layout_status is not None
+    assert outcome.layout_status["pipeline"] == 1
+    assert outcome.layout_status["tensor"] == free.layout_status["tensor"]
 
 
 def test_a_replan_that_only_fits_at_another_tp_or_pp_is_refused_not_restarted_from_zero() -> None:

@@ -4,7 +4,8 @@ On disk, in the checkpoint directory::
 
     latest                     the tag of the newest COMPLETE checkpoint (written by rename)
     step8/                     DeepSpeed's files of one save, plus
-    step8/shardwise-layout.json  the layout that wrote it (tp, pp, dp, zero stage, method)
+    step8/shardwise-layout.json  the layout that wrote it (tp, pp, dp, zero stage, method) and
+                                 whether the save carries TP slicing patterns
     step8/shardwise-complete     written by rank 0 after every rank finished its files
     step8-universal/           DeepSpeed's universal conversion of step8 (made once, on a resume
                                at another layout; reused by later restarts)
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardwise_trainer import contract
+from shardwise_trainer import capabilities, contract
 from shardwise_trainer.contract import Layout
 
 log = logging.getLogger("shardwise_trainer.checkpointing")
@@ -36,6 +37,7 @@ LATEST = "latest"
 LAYOUT_FILE = "shardwise-layout.json"
 COMPLETE = "shardwise-complete"
 UNIVERSAL_SUFFIX = "-universal"
+TP_PATTERNS = "tp_patterns"
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -104,6 +106,41 @@ def latest_step(directory: Path) -> int | None:
     return steps[-1] if steps else None
 
 
+def universal_info(module: Any) -> dict[str, Any]:
+    """DeepSpeed's universal-checkpoint metadata for the model's tensor-parallel slicing, saved
+    with every checkpoint so a resume at another TP size merges and re-splits each parameter the
+    way the model cut it: replicated on the TP group (norms, row-parallel biases), split along its
+    inputs (row-parallel weights: dim 1), else along dim 0 (column-parallel, vocabulary)."""
+    from deepspeed.checkpoint import constants
+
+    replicated, rows = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue  # no optimizer state to merge; strict conversion refuses unused patterns
+        split = getattr(param, "tp_split_dim", None)
+        if split is None:
+            replicated.append(f"^{re.escape(name)}$")
+        elif split == 1:
+            rows.append(f"^{re.escape(name)}$")
+    return {
+        constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        constants.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: rows,
+    }
+
+
+def _merge_dim(info: dict[str, Any], name: str) -> int | None:
+    """How the TP slices of parameter ``name`` merge: None (replicated: any one), else the dim."""
+    from deepspeed.checkpoint import constants
+
+    def listed(key: str) -> bool:
+        return any(re.match(p, name) for p in info.get(key) or [])
+
+    if listed(constants.TP_REPLICATED_PARAMETER_PATTERNS):
+        return None
+    return 1 if listed(constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS) else 0
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -135,23 +172,9 @@ class Resume:
     convert_seconds: float = 0.0
 
 
-#: What a conversion cannot change: DeepSpeed's universal conversion re-shards DP and ZeRO, but
-#: the built-in model declares no tensor-parallel slicing patterns, and pipeline checkpoints are
-#: written per stage; a checkpoint of another method holds other parameters.
-FIXED_ACROSS_RESUME = ("tp", "pp", "method")
-
-
 def conversion_refusal(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why the checkpoint written at ``saved`` cannot resume at ``current`` (None: it can)."""
-    fixed = [k for k in FIXED_ACROSS_RESUME if k in saved and saved.get(k) != current.get(k)]
-    if not fixed:
-        return None
-    changes = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in fixed)
-    return (
-        f"the latest checkpoint was written at another layout ({changes}) and the trainer converts "
-        "checkpoints across DP size and ZeRO stage only; resume at the checkpoint's TP / PP and "
-        "method, or move the checkpoint directory away to start at step 0"
-    )
+    return capabilities.resume_refusal(saved, current)
 
 
 def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
@@ -166,6 +189,11 @@ def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
     if same_sharding(saved, current) and saved.get("method", current.get("method")) == current.get("method"):
         return Resume(step=step, tag=tag, saved_layout=saved, universal=False)
     refusal = conversion_refusal(saved, current)
+    if refusal is None and saved.get("tp") != current.get("tp") and not saved.get(TP_PATTERNS):
+        refusal = (
+            f"the latest checkpoint (tp {saved.get('tp')}) was written by a trainer that saved no TP "
+            f"slicing patterns, so it cannot resume at tp {current.get('tp')}; resume at its TP"
+        )
     if refusal is not None:
         raise contract.ContractError(f"{directory / tag}: {refusal}", contract.REASON_INVALID_CHECKPOINT)
     return Resume(step=step, tag=tag + UNIVERSAL_SUFFIX, saved_layout=saved, universal=True)
@@ -305,38 +333,51 @@ def _alias_engine_state(out: Path) -> None:
 
 def _universal_from_plain(source: Path, out: Path) -> None:
     """Write DeepSpeed's universal layout (``zero/<parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt``
-    plus the engine state) from a checkpoint without ZeRO, whose one model-states file holds the
-    full weights and the torch optimizer's state (parameters in module order, trainable only)."""
+    plus the engine state) from a checkpoint without ZeRO: one model-states file per TP rank, each
+    holding that rank's slice of the weights and the torch optimizer's state (parameters in module
+    order, trainable only); slices merge by the saved TP patterns (:func:`universal_info`)."""
     import torch
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     files = sorted(source.glob("mp_rank_*_model_states.pt"))
-    if len(files) != 1:
-        raise RuntimeError(
-            f"{source}: converting a checkpoint without ZeRO needs TP1 PP1 (one model-states file)"
-        )
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)
-    module, optim = saved["module"], saved.get("optimizer") or {}
-    state = optim.get("state", {})
-    ids = [i for group in optim.get("param_groups", []) for i in group["params"]]
+    if not files or any(not re.fullmatch(r"mp_rank_\d+_model_states\.pt", f.name) for f in files):
+        raise RuntimeError(f"{source}: converting a checkpoint without ZeRO needs PP1 (mp_rank_NN files)")
+    ranks = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    saved = ranks[0]
+    info = saved.get(UNIVERSAL_CHECKPOINT_INFO) or {}
+    if len(ranks) > 1 and not info.get("tp_replicated_parameter_patterns"):
+        raise RuntimeError(f"{source}: a TP{len(ranks)} checkpoint without its TP patterns cannot merge")
+    optims = [r.get("optimizer") or {} for r in ranks]
+    ids = [i for group in optims[0].get("param_groups", []) for i in group["params"]]
+    module = saved["module"]
     names = list(saved.get("param_shapes", [{}])[0]) if saved.get("param_shapes") else list(module)
+
+    def merged(name: str, pieces: list[Any]) -> Any:
+        # The dim is recorded at TP1 too: a resume at TP2 re-splits along it.
+        dim = _merge_dim(info, name)
+        return (pieces[0] if dim is None else torch.cat(pieces, dim=dim)).float(), dim or 0
+
     for name, pid in zip(names, ids, strict=False):
         folder = out / "zero" / name
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"param": module[name].float(), "cat_dim": 0}, folder / "fp32.pt")
-        for key, value in (state.get(pid) or {}).items():
+        value, dim = merged(name, [r["module"][name] for r in ranks])
+        torch.save({"param": value, "cat_dim": dim}, folder / "fp32.pt")
+        for key, first in (optims[0].get("state", {}).get(pid) or {}).items():
             if key == "step":
-                torch.save(torch.as_tensor(float(value)), folder / "step.pt")  # as ds_to_universal
+                torch.save(torch.as_tensor(float(first)), folder / "step.pt")  # as ds_to_universal
             else:
-                torch.save({"param": value.float(), "cat_dim": 0}, folder / f"{key}.pt")
+                value, dim = merged(name, [o["state"][pid][key] for o in optims])
+                torch.save({"param": value, "cat_dim": dim}, folder / f"{key}.pt")
     import deepspeed
 
     # The optimizer's global state the ZeRO optimizers read before the per-parameter files.
-    groups = optim.get("param_groups", [])
+    groups = optims[0].get("param_groups", [])
     torch.save(
         {"param_groups": groups, "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt"
     )
-    saved["optimizer"] = None
-    torch.save(saved, out / files[0].name)
+    for path, state in zip(files, ranks, strict=True):
+        state["optimizer"] = None
+        torch.save(state, out / path.name)
 
 
 def _load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
@@ -355,6 +396,16 @@ def _load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
     if engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    mpu = getattr(engine, "mpu", None)
+    tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
+    tp_size = mpu.get_tensor_model_parallel_world_size() if mpu is not None else 1
+
+    def own_slice(full: Any, cat_dim: int, param: Any) -> Any:
+        # A full tensor saved at another TP size: this rank's slice, cut as the model cuts it.
+        if full.numel() == param.numel() or tp_size == 1:
+            return full
+        return full.chunk(tp_size, dim=cat_dim)[tp_rank]
+
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue
@@ -365,7 +416,8 @@ def _load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
         for file in folder.glob("*.pt"):
             loaded = torch.load(file, map_location="cpu", weights_only=False)
             value = loaded["param"] if isinstance(loaded, dict) else loaded
-            state[file.stem] = value
+            cat_dim = loaded.get("cat_dim", 0) if isinstance(loaded, dict) else 0
+            state[file.stem] = value if file.stem == "step" else own_slice(value, int(cat_dim or 0), param)
         with torch.no_grad():
             param.copy_(state.pop("fp32").view_as(param).to(param.dtype))
         step = state.pop("step", 0)
@@ -459,12 +511,16 @@ class Checkpointer:
         assert self.directory is not None
         start = time.perf_counter()
         tag = tag_of(step)
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={"step": step}, save_latest=False)
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+        client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: universal_info(engine.module)}
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         if dist.get_world_size() > 1:
             dist.barrier()
         path = self.directory / tag
         if self.rank == 0:
-            _write_atomic(path / LAYOUT_FILE, json.dumps(self.layout, sort_keys=True))
+            # TP_PATTERNS: the save carries the TP slicing patterns a resume at another TP needs.
+            _write_atomic(path / LAYOUT_FILE, json.dumps({**self.layout, TP_PATTERNS: True}, sort_keys=True))
             _write_atomic(path / COMPLETE, f"{tag}\n")
             _write_atomic(self.directory / LATEST, tag)
             prune(self.directory, self.keep)

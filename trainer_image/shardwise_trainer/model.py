@@ -153,6 +153,8 @@ def shard_param(
         full = full.chunk(tp.size, dim=split_dim)[tp.rank].clone()  # own storage, not a view
     param = nn.Parameter(full)
     param.tp_sharded = split_dim is not None and tp.size > 1  # type: ignore[attr-defined]
+    # At any TP size: how a checkpoint's slices merge and re-split when TP changes on resume.
+    param.tp_split_dim = split_dim  # type: ignore[attr-defined]
     return param
 
 
@@ -226,6 +228,7 @@ class ParallelLinear(nn.Module):
                 torch.zeros(out_features // tp.size if mode == "column" else out_features)
             )
             self.bias.tp_sharded = mode == "column" and tp.size > 1  # type: ignore[attr-defined]
+            self.bias.tp_split_dim = 0 if mode == "column" else None  # type: ignore[attr-defined]
         else:
             self.bias = None
 

@@ -246,3 +246,33 @@ def refusal(
         else:
             return None
     return f"the trainer cannot run method {method} ({model} model) with " + "; ".join(reasons)
+
+
+#: What resuming a checkpoint at another layout cannot change: pipeline checkpoints are written
+#: per stage (no conversion merges or splits stages), and a checkpoint of another method holds
+#: other parameters. DP size and ZeRO stage convert always; TP size converts without pipeline
+#: parallelism (DeepSpeed's universal conversion merges the TP slices by the model's own slicing
+#: patterns and the load re-splits them).
+RESUME_FIXED: Final[tuple[str, ...]] = ("pp", "method")
+
+
+def resume_held(tp: int, pp: int) -> tuple[int | None, int]:
+    """The (TP, PP) a layout must keep to resume a checkpoint written at (tp, pp); None: any TP."""
+    return (None if pp == 1 else tp), pp
+
+
+def resume_refusal(saved: dict[str, object], current: dict[str, object]) -> str | None:
+    """Why a checkpoint written at the ``saved`` layout cannot resume at ``current`` (None: it can,
+    converting when the sharding differs). Layouts are dicts with tp, pp and method keys."""
+    changed: list[str] = [k for k in RESUME_FIXED if k in saved and saved.get(k) != current.get(k)]
+    if "tp" in saved and saved.get("tp") != current.get("tp") and saved.get("pp", 1) != 1:
+        changed.insert(0, "tp")
+    if not changed:
+        return None
+    changes = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in changed)
+    return (
+        f"the latest checkpoint was written at another layout ({changes}) and the trainer converts "
+        "checkpoints across DP size, ZeRO stage and TP size (TP without pipeline parallelism) only; "
+        "resume at the checkpoint's PP, TP when PP > 1, and method, or move the checkpoint directory "
+        "away to start at step 0"
+    )
