@@ -83,8 +83,8 @@ def test_killed_run_resumes_same_curve(trainer_runs: RunCache, tmp_path: Path, n
 #: (written at, resumed at): a checkpoint resumes at another DP size / ZeRO stage / TP size through
 #: DeepSpeed's universal conversion, made automatically by the trainer.
 #: A ZeRO-3 checkpoint resumes with its Adam step, at ZeRO-0 and at ZeRO-2, and back: the trainer
-#: completes DeepSpeed's ZeRO-3 conversion (checkpointing._complete_zero3_conversion) and names the
-#: engine state as the other stage's loader looks for it (checkpointing._alias_engine_state).
+#: completes DeepSpeed's ZeRO-3 conversion (universal._complete_zero3_conversion) and names the
+#: engine state as the other stage's loader looks for it (universal._alias_engine_state).
 ACROSS = [
     ("dp2-zero2", "single"),
     ("dp2-zero1", "single"),
