@@ -29,8 +29,14 @@ EVERY = 4
 KILLED_AT = 6  # the first attempt stops here: steps 5 and 6 are lost
 
 
-#: (written at, resumed at): another DP size, and another TP size (with and without ZeRO).
-CASES = [("dp2-zero2", "single"), ("tp2-dp2", "dp2-zero1"), ("tp2", "single")]
+#: (written at, resumed at): another DP size, TP size and pipeline depth (with and without ZeRO).
+CASES = [
+    ("dp2-zero2", "single"),
+    ("tp2-dp2", "dp2-zero1"),
+    ("tp2", "single"),
+    ("pp2-dp2", "dp2-zero1"),
+    ("pp2", "single"),
+]
 
 
 def _case(saved: str, resumed_at: str) -> tuple[str, ...]:
@@ -63,13 +69,13 @@ def _case(saved: str, resumed_at: str) -> tuple[str, ...]:
 def main() -> None:
     rows = [_case(saved, resumed_at) for saved, resumed_at in CASES]
     lines = [
-        "# Resume across layouts: DP size and TP size",
+        "# Resume across layouts: DP size, TP size, pipeline depth",
         "",
         f"`python benchmarks/resume.py` on {platform.machine()} / {platform.python_version()}, CPU, gloo; "
         f"built-in test model, checkpoint every {EVERY} steps, first attempt stopped at step {KILLED_AT} "
         "(its final save dropped, as a lost node never makes it). Layout names: "
         "tests/trainer/trainer_runner.py LAYOUTS (`tp2-dp2` = TP2 DP2 ZeRO-1; `tp2` = TP2 without ZeRO; "
-        "`single` = one process).",
+        "`pp2-dp2` = PP2 DP2 ZeRO-1; `pp2` = PP2 without ZeRO; `single` = one process).",
         "",
         "| written at -> resumed at | save (s) | universal conversion (s) "
         "| resume total: find + convert + load (s) | load alone (s) | steps lost | resumed from step |",

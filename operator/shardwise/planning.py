@@ -57,33 +57,45 @@ def _infeasible(result: PlanResult) -> PlanOutcome:
     return PlanOutcome(False, reason, ". ".join(parts))
 
 
-def _held_to(request: PlanRequest, shards: tuple[int, int] | None) -> PlanRequest | None:
-    """The request pinned to what a checkpoint written at ``shards`` (tp, pp) must keep to resume
-    (capabilities.resume_held: its PP, and its TP when PP > 1), unless the spec pins others (then
-    the user changed them and the checkpoint cannot resume anyway)."""
+def _held_to(request: PlanRequest, shards: tuple[int, int] | None) -> list[PlanRequest] | None:
+    """The request pinned, one alternative each, to what a checkpoint written at ``shards`` (tp, pp)
+    must keep to resume (capabilities.resume_held), leaving out the alternatives the spec's own
+    pins contradict (the user changed them); None without a checkpoint."""
     if shards is None:
         return None
-    tp, pp = capabilities.resume_held(*shards)
     pins = request.pins
-    if (tp is not None and pins.tp not in (None, tp)) or (pins.pp not in (None, pp)):
-        return None
-    held = dataclasses.replace(pins, tp=pins.tp if tp is None else tp, pp=pp)
-    return dataclasses.replace(request, pins=held)
+    held = []
+    for tp, pp in capabilities.resume_held(*shards):
+        if (tp is not None and pins.tp not in (None, tp)) or (pp is not None and pins.pp not in (None, pp)):
+            continue
+        pinned = dataclasses.replace(pins, tp=pins.tp if tp is None else tp, pp=pins.pp if pp is None else pp)
+        held.append(dataclasses.replace(request, pins=pinned))
+    return held or None
 
 
 def _held_text(shards: tuple[int, int]) -> str:
-    tp, pp = capabilities.resume_held(*shards)
-    return f"pp={pp}" if tp is None else f"tp={tp}, pp={pp}"
+    def one(tp: int | None, pp: int | None) -> str:
+        return ", ".join(f"{k}={v}" for k, v in (("tp", tp), ("pp", pp)) if v is not None)
+
+    return " or ".join(one(tp, pp) for tp, pp in capabilities.resume_held(*shards))
 
 
-def _plan_held(kept: PlanRequest | None) -> PlanResult | str:
-    """The plan held to the checkpoint's TP / PP, or why those pins cannot be planned at all."""
-    if kept is None:
+def _plan_held(kept: list[PlanRequest] | None) -> PlanResult | str:
+    """The first feasible plan of the alternatives held to the checkpoint, else the first one's
+    result (or why its pins cannot be planned at all)."""
+    if not kept:
         return "no checkpoint"
-    try:
-        return plan(kept)
-    except PlanInputError as exc:
-        return str(exc)
+    first: PlanResult | str | None = None
+    for request in kept:
+        try:
+            result: PlanResult | str = plan(request)
+        except PlanInputError as exc:
+            result = str(exc)
+        if isinstance(result, PlanResult) and result.feasible:
+            return result
+        first = result if first is None else first
+    assert first is not None
+    return first
 
 
 def _not_resumable(shards: tuple[int, int], held: PlanOutcome, free: PlanResult) -> PlanOutcome:
@@ -94,9 +106,9 @@ def _not_resumable(shards: tuple[int, int], held: PlanOutcome, free: PlanResult)
         "CheckpointNotResumable",
         f"the latest checkpoint was written at tp={tp}, pp={pp}, and no layout with {_held_text(shards)}"
         f" fits what is left ({held.reason}: {held.message}); the trainer converts checkpoints across"
-        " DP size, ZeRO stage and TP size (TP without pipeline parallelism), so the job waits for GPUs"
-        f" that fit it. {free.choice.layout.describe()} would fit, from step 0: move the checkpoint"
-        " directory away (spec.checkpoint) to start over",
+        " DP size, ZeRO stage, TP size without pipeline parallelism and pipeline depth without tensor"
+        f" parallelism, so the job waits for GPUs that fit it. {free.choice.layout.describe()} would"
+        " fit, from step 0: move the checkpoint directory away (spec.checkpoint) to start over",
     )
 
 
@@ -111,9 +123,9 @@ def plan_job(
     """Plan the job on the given shape; pins (a previous status.layout) reproduce an earlier plan;
     memory_correction (status.memoryCorrection.factor) scales the memory predictions;
     checkpoint_shards, the (tp, pp) of the job's latest checkpoint, holds a re-plan to what the
-    trainer cannot convert (its PP; its TP when PP > 1: capabilities.resume_held), and a re-plan
-    that could only run elsewhere is refused (CheckpointNotResumable) rather than losing the
-    progress.
+    trainer can convert it to (capabilities.resume_held: TP or PP may change, not both, the other
+    at 1), and a re-plan that could only run elsewhere is refused (CheckpointNotResumable) rather
+    than losing the progress.
 
     The GPU is the shape's product (GFD label) with its labelled memory; spec.resources.gpuMemory,
     when given, overrides the label, as the CLI's --gpu-memory does.

@@ -9,6 +9,7 @@ import pytest
 
 from shardwise_trainer import checkpointing as ck
 from shardwise_trainer import contract
+from shardwise_trainer.model import PipelineNames
 
 
 def _tag(root: Path, step: int, *, complete: bool = True) -> Path:
@@ -50,13 +51,18 @@ def test_empty_directory_has_nothing_to_resume(tmp_path: Path) -> None:
         ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 2}, True),
         ({"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}, {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 3}, True),
         (
-            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1, "tp_patterns": True},
+            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1, "sharding_metadata": True},
             {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
             True,
         ),
         (
-            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 0, "tp_patterns": True},
+            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 0, "sharding_metadata": True},
             {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 0},
+            True,
+        ),
+        (
+            {"tp": 1, "pp": 2, "dp": 2, "zero_stage": 1, "sharding_metadata": True},
+            {"tp": 1, "pp": 1, "dp": 4, "zero_stage": 1},
             True,
         ),
     ],
@@ -71,12 +77,12 @@ def test_resume_converts_only_when_the_sharding_changed(
     assert resume.tag == ("step4-universal" if universal else "step4")
 
 
-def test_a_checkpoint_without_tp_patterns_keeps_its_tp(tmp_path: Path) -> None:
+def test_a_checkpoint_without_sharding_metadata_keeps_its_tp(tmp_path: Path) -> None:
     """Written before saves carried the TP slicing patterns: a resume at another TP would cut
     row-parallel weights along the wrong dim, so it is refused; another DP size still converts."""
     saved = {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1}
     (_tag(tmp_path, 4) / ck.LAYOUT_FILE).write_text(json.dumps(saved))
-    with pytest.raises(contract.ContractError, match="no TP slicing patterns") as err:
+    with pytest.raises(contract.ContractError, match="no TP slicing patterns or parameter names") as err:
         ck.plan_resume(tmp_path, {**saved, "tp": 2, "dp": 1})
     assert err.value.reason == "InvalidCheckpoint"
     resume = ck.plan_resume(tmp_path, {**saved, "dp": 1})
@@ -92,9 +98,14 @@ def test_a_checkpoint_without_tp_patterns_keeps_its_tp(tmp_path: Path) -> None:
             "tp 2 -> 1",
         ),
         (
-            {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 1},
-            {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 1},
+            {"tp": 2, "pp": 2, "dp": 1, "zero_stage": 1},
+            {"tp": 2, "pp": 1, "dp": 2, "zero_stage": 1},
             "pp 2 -> 1",
+        ),
+        (
+            {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 1},
+            {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 1},
+            "tp 2 -> 1, pp 1 -> 2",
         ),
         (
             {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2, "method": "lora"},
@@ -110,7 +121,7 @@ def test_a_checkpoint_that_cannot_be_converted_is_refused_not_ignored(
     with pytest.raises(contract.ContractError, match=named) as err:
         ck.plan_resume(tmp_path, current)
     assert err.value.reason == "InvalidCheckpoint"
-    assert "step4" in str(err.value) and "DP size, ZeRO stage and TP size" in str(err.value)
+    assert "step4" in str(err.value) and "DP size, ZeRO stage, TP size" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -127,3 +138,29 @@ def test_a_checkpoint_that_cannot_be_converted_is_refused_not_ignored(
 def test_cadence(steps: int, minutes: float, step: int, elapsed: float, due: bool) -> None:
     cadence = ck.Cadence(steps, minutes, last_save=100.0)
     assert cadence.due_locally(step, 100.0 + elapsed) is due
+
+
+@pytest.mark.parametrize(
+    ("tied", "pipeline", "plain"),
+    [
+        (False, "0.weight", "embed.weight"),
+        (False, "1.q.weight", "layers.0.q.weight"),
+        (False, "4.down.weight", "layers.3.down.weight"),
+        (False, "5.weight", "norm.weight"),
+        (False, "6.weight", "head.weight"),
+        (True, "tied_modules.embed.weight", "embed.weight"),
+        (True, "tied_modules.embed.pos", "embed.pos"),
+        (True, "5.bias", "norm.bias"),
+    ],
+)
+def test_pipeline_and_plain_parameter_names_map_both_ways(tied: bool, pipeline: str, plain: str) -> None:
+    names = PipelineNames(layers=4, tied=tied)
+    assert names.plain(pipeline) == plain
+    assert names.pipeline(plain) == pipeline
+    assert names.plain(plain) == plain  # plain names stay plain
+
+
+def test_the_tied_embeddings_copy_in_the_last_layer_file_is_the_embedding() -> None:
+    assert PipelineNames(layers=4, tied=True).of_layer_file(6, "weight") == "embed.weight"
+    assert PipelineNames(layers=4, tied=False).of_layer_file(6, "weight") == "head.weight"
+    assert PipelineNames(layers=4, tied=False).of_layer_file(2, "q.weight") == "layers.1.q.weight"

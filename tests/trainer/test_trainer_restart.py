@@ -98,6 +98,13 @@ ACROSS = [
     ("single", "tp2"),
     ("tp2-dp2", "dp2-zero1"),
     ("dp2-zero1", "tp2-dp2"),
+    # Pipeline depth: stages map to the plain model's parameter names (tied embeddings too),
+    # without ZeRO and with ZeRO-1, both ways.
+    ("pp2", "single"),
+    ("single", "pp2"),
+    ("pp2-dp2", "dp2-zero1"),
+    ("dp2-zero1", "pp2-dp2"),
+    ("gpt-pp2", "gpt-single"),
 ]
 
 
@@ -128,16 +135,17 @@ def test_resume_at_another_layout(
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == [f"step{STEPS}"]
 
 
-def test_a_checkpoint_of_another_pipeline_depth_is_refused_not_restarted_at_zero(
+def test_a_checkpoint_that_cannot_convert_is_refused_not_restarted_at_zero(
     trainer_runs: RunCache, tmp_path: Path
 ) -> None:
-    """PP2 -> DP2: the trainer cannot convert pipeline checkpoints, so every rank exits 2 with
-    InvalidCheckpoint (rank 0 decides, the others hear it) instead of training from step 0."""
+    """TP2 -> PP2: TP and pipeline depth both change, which no conversion does, so every rank
+    exits 2 with InvalidCheckpoint (rank 0 decides, the others hear it) instead of training from
+    step 0."""
     ckpt = tmp_path / "ckpt"
     args = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY))
-    run_trainer(trainer_runs.layout_path("pp2"), nproc=nproc_of(LAYOUTS["pp2"]), steps=EVERY, args=args)
-    proc, text = run_failing(2, trainer_runs.layout_path("dp2-zero1"), STEPS, tmp_path, *args)
+    run_trainer(trainer_runs.layout_path("tp2"), nproc=nproc_of(LAYOUTS["tp2"]), steps=EVERY, args=args)
+    proc, text = run_failing(2, trainer_runs.layout_path("pp2"), STEPS, tmp_path, *args)
     assert proc.returncode != 0
     assert "shardwise.dev/exit-code=2" in text and "shardwise.dev/reason=InvalidCheckpoint" in text, text
-    assert "pp 2 -> 1" in text and "step4" in text
+    assert "tp 2 -> 1, pp 1 -> 2" in text and "step4" in text
     assert '"event": "step"' not in proc.stdout

@@ -76,9 +76,9 @@ def test_reasons_for_not_planning(sections: dict[str, Any], shape: Shape, reason
 
 @pytest.mark.parametrize(
     ("shards", "tp", "pp"),
-    [((1, 2), 1, 2), ((4, 2), 4, 2), ((2, 4), 2, 4)],
+    [((4, 2), 4, 2), ((2, 4), 2, 4)],
 )
-def test_a_replan_keeps_the_tp_and_pp_of_a_pipeline_checkpoint(
+def test_a_replan_keeps_the_tp_and_pp_of_a_checkpoint_with_both(
     shards: tuple[int, int], tp: int, pp: int
 ) -> None:
     outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=shards)
@@ -86,14 +86,26 @@ def test_a_replan_keeps_the_tp_and_pp_of_a_pipeline_checkpoint(
     assert (outcome.layout_status["tensor"], outcome.layout_status["pipeline"]) == (tp, pp)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 8])
-def test_a_replan_of_a_checkpoint_without_pipeline_keeps_pp1_and_chooses_tp_freely(tp: int) -> None:
-    # The trainer converts TP slices without pipeline parallelism: the re-plan is the free plan at PP1.
-    free = plan_job(spec(resources={"gpus": 8}, parallelism={"pipeline": 1}), ONE_H100_NODE)
-    outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=(tp, 1))
+@pytest.mark.parametrize(
+    ("shards", "pins"),
+    [
+        # PP1: TP converts, so the re-plan is the best plan at PP1.
+        ((1, 1), {"pipeline": 1}),
+        ((2, 1), {"pipeline": 1}),
+        ((8, 1), {"pipeline": 1}),
+        # TP1 and PP > 1: pipeline depth converts, so the best plan at TP1.
+        ((1, 2), {"tensor": 1}),
+        ((1, 4), {"tensor": 1}),
+    ],
+)
+def test_a_replan_changes_only_what_the_trainer_converts(
+    shards: tuple[int, int], pins: dict[str, int]
+) -> None:
+    free = plan_job(spec(resources={"gpus": 8}, parallelism=pins), ONE_H100_NODE)
+    outcome = plan_job(spec(resources={"gpus": 8}), ONE_H100_NODE, checkpoint_shards=shards)
     assert outcome.feasible and outcome.layout_status is not None and free.layout_status is not None
-    assert outcome.layout_status["pipeline"] == 1
-    assert outcome.layout_status["tensor"] == free.layout_status["tensor"]
+    key = ("tensor", "pipeline")
+    assert [outcome.layout_status[k] for k in key] == [free.layout_status[k] for k in key]
 
 
 def test_a_replan_that_only_fits_at_another_tp_or_pp_is_refused_not_restarted_from_zero() -> None:

@@ -248,31 +248,43 @@ def refusal(
     return f"the trainer cannot run method {method} ({model} model) with " + "; ".join(reasons)
 
 
-#: What resuming a checkpoint at another layout cannot change: pipeline checkpoints are written
-#: per stage (no conversion merges or splits stages), and a checkpoint of another method holds
-#: other parameters. DP size and ZeRO stage convert always; TP size converts without pipeline
-#: parallelism (DeepSpeed's universal conversion merges the TP slices by the model's own slicing
-#: patterns and the load re-splits them).
-RESUME_FIXED: Final[tuple[str, ...]] = ("pp", "method")
+#: What resuming a checkpoint at another layout cannot change: its method (a checkpoint of
+#: another method holds other parameters). DP size and ZeRO stage convert always; TP size
+#: without pipeline parallelism and pipeline depth without tensor parallelism, one of the two
+#: at a time (DeepSpeed's universal conversion merges TP slices by the model's saved slicing
+#: patterns; pipeline stages map to the plain model's parameter names, which no partition moves).
+RESUME_FIXED: Final[tuple[str, ...]] = ("method",)
 
 
-def resume_held(tp: int, pp: int) -> tuple[int | None, int]:
-    """The (TP, PP) a layout must keep to resume a checkpoint written at (tp, pp); None: any TP."""
-    return (None if pp == 1 else tp), pp
+def resume_held(tp: int, pp: int) -> tuple[tuple[int | None, int | None], ...]:
+    """The (TP, PP) pins (None: any) a layout must match to resume a checkpoint written at
+    (tp, pp), as alternatives in order of preference: keep PP and change TP (PP1), else keep TP
+    and change PP (TP1), else keep both."""
+    options: list[tuple[int | None, int | None]] = []
+    if pp == 1:
+        options.append((None, 1))
+    if tp == 1:
+        options.append((1, None))
+    return tuple(options) or ((tp, pp),)
 
 
 def resume_refusal(saved: dict[str, object], current: dict[str, object]) -> str | None:
     """Why a checkpoint written at the ``saved`` layout cannot resume at ``current`` (None: it can,
     converting when the sharding differs). Layouts are dicts with tp, pp and method keys."""
     changed: list[str] = [k for k in RESUME_FIXED if k in saved and saved.get(k) != current.get(k)]
-    if "tp" in saved and saved.get("tp") != current.get("tp") and saved.get("pp", 1) != 1:
+    tp = (saved.get("tp", 1), current.get("tp", 1))
+    pp = (saved.get("pp", 1), current.get("pp", 1))
+    if tp[0] != tp[1] and pp != (1, 1):
         changed.insert(0, "tp")
+    if pp[0] != pp[1] and tp != (1, 1):
+        changed.insert(0 if "tp" not in changed else 1, "pp")
     if not changed:
         return None
-    changes = ", ".join(f"{k} {saved.get(k)} -> {current.get(k)}" for k in changed)
+    changes = ", ".join(f"{k} {saved.get(k, 1)} -> {current.get(k, 1)}" for k in changed)
     return (
         f"the latest checkpoint was written at another layout ({changes}) and the trainer converts "
-        "checkpoints across DP size, ZeRO stage and TP size (TP without pipeline parallelism) only; "
-        "resume at the checkpoint's PP, TP when PP > 1, and method, or move the checkpoint directory "
-        "away to start at step 0"
+        "checkpoints across DP size, ZeRO stage, TP size without pipeline parallelism and pipeline "
+        "depth without tensor parallelism only; resume at a layout that changes at most one of TP "
+        "and PP, with the other 1, and the same method, or move the checkpoint directory away to "
+        "start at step 0"
     )

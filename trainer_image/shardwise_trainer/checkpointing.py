@@ -5,7 +5,8 @@ On disk, in the checkpoint directory::
     latest                     the tag of the newest COMPLETE checkpoint (written by rename)
     step8/                     DeepSpeed's files of one save, plus
     step8/shardwise-layout.json  the layout that wrote it (tp, pp, dp, zero stage, method) and
-                                 whether the save carries TP slicing patterns
+                                 whether the save carries the TP slicing patterns and
+                                 parameter names a conversion across TP / PP needs
     step8/shardwise-complete     written by rank 0 after every rank finished its files
     step8-universal/           DeepSpeed's universal conversion of step8 (made once, on a resume
                                at another layout; reused by later restarts)
@@ -26,12 +27,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardwise_trainer import capabilities, contract
 from shardwise_trainer.contract import Layout
+
+if TYPE_CHECKING:
+    from shardwise_trainer.model import PipelineNames
 from shardwise_trainer.universal import (
     COMPLETE,
+    PARAMETER_NAMES,
     UNIVERSAL_SUFFIX,
     convert_to_universal,
     load_universal_plain,
@@ -42,7 +47,7 @@ log = logging.getLogger("shardwise_trainer.checkpointing")
 
 LATEST = "latest"
 LAYOUT_FILE = "shardwise-layout.json"
-TP_PATTERNS = "tp_patterns"
+SHARDING_METADATA = "sharding_metadata"
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -159,10 +164,12 @@ def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
     if same_sharding(saved, current) and saved.get("method", current.get("method")) == current.get("method"):
         return Resume(step=step, tag=tag, saved_layout=saved, universal=False)
     refusal = conversion_refusal(saved, current)
-    if refusal is None and saved.get("tp") != current.get("tp") and not saved.get(TP_PATTERNS):
+    moved = [k for k in ("tp", "pp") if saved.get(k, 1) != current.get(k, 1)]
+    if refusal is None and moved and not saved.get(SHARDING_METADATA):
         refusal = (
-            f"the latest checkpoint (tp {saved.get('tp')}) was written by a trainer that saved no TP "
-            f"slicing patterns, so it cannot resume at tp {current.get('tp')}; resume at its TP"
+            f"the latest checkpoint ({', '.join(f'{k} {saved.get(k, 1)}' for k in moved)}) was written by a "
+            "trainer that saved no TP slicing patterns or parameter names, so it cannot resume at "
+            f"{', '.join(f'{k} {current.get(k, 1)}' for k in moved)}; resume at its TP and PP"
         )
     if refusal is not None:
         raise contract.ContractError(f"{directory / tag}: {refusal}", contract.REASON_INVALID_CHECKPOINT)
@@ -173,9 +180,18 @@ class Checkpointer:
     """Saves and resumes one run's checkpoints (every rank holds one; rank 0 writes the markers)."""
 
     def __init__(
-        self, directory: str, cadence: Cadence, *, keep: int, layout: Layout, rank: int, device: Any
+        self,
+        directory: str,
+        cadence: Cadence,
+        *,
+        keep: int,
+        layout: Layout,
+        rank: int,
+        device: Any,
+        names: PipelineNames | None = None,
     ) -> None:
         self.directory = Path(directory) if directory else None
+        self.names = names  # the built-in model's: conversions across pipeline depths
         self.cadence = cadence
         self.keep = keep
         self.layout = layout_record(layout)
@@ -204,7 +220,7 @@ class Checkpointer:
             except contract.ContractError as exc:
                 found = str(exc)  # every rank fails with it, none waits for rank 0 forever
             if isinstance(found, Resume) and found.universal:
-                found.convert_seconds = convert_to_universal(self.directory, found.step)
+                found.convert_seconds = convert_to_universal(self.directory, found.step, self.names)
             box = [found]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
@@ -255,14 +271,19 @@ class Checkpointer:
         tag = tag_of(step)
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-        client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: universal_info(engine.module)}
+        client_state = {
+            "step": step,
+            UNIVERSAL_CHECKPOINT_INFO: universal_info(engine.module),
+            PARAMETER_NAMES: [n for n, p in engine.module.named_parameters() if p.requires_grad],
+        }
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
         if dist.get_world_size() > 1:
             dist.barrier()
         path = self.directory / tag
         if self.rank == 0:
-            # TP_PATTERNS: the save carries the TP slicing patterns a resume at another TP needs.
-            _write_atomic(path / LAYOUT_FILE, json.dumps({**self.layout, TP_PATTERNS: True}, sort_keys=True))
+            # The save carries the TP patterns and parameter names a resume at another TP / PP needs.
+            record = {**self.layout, SHARDING_METADATA: True}
+            _write_atomic(path / LAYOUT_FILE, json.dumps(record, sort_keys=True))
             _write_atomic(path / COMPLETE, f"{tag}\n")
             _write_atomic(self.directory / LATEST, tag)
             prune(self.directory, self.keep)

@@ -459,6 +459,49 @@ def pipeline_module(
     return module
 
 
+@dataclass(frozen=True)
+class PipelineNames:
+    """Parameter names of :func:`pipeline_module` (``{spec index}.{rest}``, the tied embedding
+    ``tied_modules.embed.{rest}``) and of :class:`SequentialLM` (``embed.``, ``layers.N.``,
+    ``norm.``, ``head.``), both ways: a checkpoint converts between pipeline depths through the
+    plain names, which no partition changes (the spec index is global, not per stage)."""
+
+    layers: int
+    tied: bool
+
+    def plain(self, name: str) -> str:
+        first, _, rest = name.partition(".")
+        if first == "tied_modules":
+            return "embed." + rest.partition(".")[2]
+        if not first.isdigit():
+            return name  # already plain
+        index = int(first)
+        if index == 0:
+            return f"embed.{rest}"
+        if index <= self.layers:
+            return f"layers.{index - 1}.{rest}"
+        return f"{'norm' if index == self.layers + 1 else 'head'}.{rest}"
+
+    def of_layer_file(self, index: int, key: str) -> str:
+        """The plain name of entry ``key`` of the pipeline's ``layer_{index}`` checkpoint file."""
+        if self.tied and index == self.layers + 2:
+            return f"embed.{key}"  # the last stage's copy of the tied embedding
+        return self.plain(f"{index}.{key}")
+
+    def pipeline(self, name: str) -> str:
+        first, _, rest = name.partition(".")
+        if first == "embed":
+            return f"tied_modules.embed.{rest}" if self.tied else f"0.{rest}"
+        if first == "layers":
+            index, _, tail = rest.partition(".")
+            return f"{int(index) + 1}.{tail}"
+        if first == "norm":
+            return f"{self.layers + 1}.{rest}"
+        if first == "head":
+            return f"{self.layers + 2}.{rest}"
+        return name
+
+
 def count_parameters(arch: Architecture) -> int:
     """Total parameters of the FULL (unsharded) model this file builds, embeddings counted once."""
     h, hd = arch.hidden_size, arch.head_dim

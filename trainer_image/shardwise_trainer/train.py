@@ -109,7 +109,7 @@ def run(opts: RunOptions) -> int:
 
     from shardwise_trainer import build, checkpointing, dsconfig, evaluation, metrics, outputs, stats
     from shardwise_trainer.data import TokenSource
-    from shardwise_trainer.model import mark_for_grad_norm
+    from shardwise_trainer.model import PipelineNames, mark_for_grad_norm
     from shardwise_trainer.topology import build_topology
 
     logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
@@ -126,8 +126,15 @@ def run(opts: RunOptions) -> int:
 
     adapted = dsconfig.adapt(ds_config, layout, on_cpu=on_cpu, lr=opts.lr, autotp=bool(opts.hf_model))
     cadence = checkpointing.Cadence(opts.checkpoint_every, opts.checkpoint_every_minutes)
+    arch = layout.architecture
     ckpt = checkpointing.Checkpointer(
-        opts.checkpoint_dir, cadence, keep=opts.checkpoint_keep, layout=layout, rank=rank, device=device
+        opts.checkpoint_dir,
+        cadence,
+        keep=opts.checkpoint_keep,
+        layout=layout,
+        rank=rank,
+        device=device,
+        names=None if opts.hf_model else PipelineNames(arch.layers, arch.tied_embeddings),
     )
     t_resume = time.perf_counter()
     resume = ckpt.prepare_resume(adapted.config)  # before initialize: universal loading is a config key

@@ -14,7 +14,10 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shardwise_trainer.model import PipelineNames
 
 COMPLETE = "shardwise-complete"
 UNIVERSAL_SUFFIX = "-universal"
@@ -59,9 +62,16 @@ def _merge_dim(info: dict[str, Any], name: str) -> int | None:
     return 1 if listed(constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS) else 0
 
 
-def convert_to_universal(directory: Path, step: int) -> float:
+#: The client-state key of a save: this rank's trainable parameter names, in the optimizer's order.
+PARAMETER_NAMES = "shardwise_parameter_names"
+
+
+def convert_to_universal(directory: Path, step: int, names: PipelineNames | None = None) -> float:
     """DeepSpeed's ds_to_universal of ``step<N>`` into ``step<N>-universal`` (once: a finished
-    copy is reused); written to a temporary name and renamed, so a crash leaves no half copy."""
+    copy is reused); written to a temporary name and renamed, so a crash leaves no half copy.
+
+    With ``names`` (the built-in model) the per-parameter folders get the plain model's names and
+    the pipeline's names as aliases, so one copy loads at any pipeline depth."""
     out = directory / (_tag_of(step) + UNIVERSAL_SUFFIX)
     if (out / COMPLETE).exists():
         return 0.0
@@ -81,11 +91,18 @@ def convert_to_universal(directory: Path, step: int) -> float:
         strict=True,
         inject_missing_state=True,
     )
-    if any((directory / _tag_of(step)).glob("*optim_states.pt")):
+    source = directory / _tag_of(step)
+    if any(source.glob("*optim_states.pt")):
         ds_to_universal.main(args)
         _complete_zero3_conversion(tmp)
+    elif any(source.glob("layer_*-model_states.pt")):  # a pipeline without ZeRO
+        if names is None:
+            raise RuntimeError(f"{source}: a pipeline checkpoint converts for the built-in model only")
+        _universal_from_pipeline_plain(source, tmp, names)
     else:  # no ZeRO: ds_to_universal needs ZeRO optimizer files; the same layout, written here
-        _universal_from_plain(directory / _tag_of(step), tmp)
+        _universal_from_plain(source, tmp)
+    if names is not None:
+        _name_plainly(tmp / "zero", names)
     _add_zero3_global_state(tmp)
     _alias_engine_state(tmp)
     (tmp / COMPLETE).write_text(f"{_tag_of(step)}\n")
@@ -238,6 +255,73 @@ def _universal_from_plain(source: Path, out: Path) -> None:
     for path, state in zip(files, ranks, strict=True):
         state["optimizer"] = None
         torch.save(state, out / path.name)
+
+
+def _name_plainly(zero_dir: Path, names: PipelineNames) -> None:
+    """Rename pipeline-named parameter folders (``3.q.weight``) to the plain model's names
+    (``layers.2.q.weight``) and alias every plain folder by its pipeline name, so a plain model
+    and a pipeline of any depth (global spec indices, not per-stage) find their parameters."""
+    for folder in sorted(p for p in zero_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        plain = names.plain(folder.name)
+        if plain == folder.name:
+            continue
+        if (zero_dir / plain).exists():
+            shutil.rmtree(folder)  # the tied embedding's copy on the last stage: the same tensor
+        else:
+            folder.rename(zero_dir / plain)
+    for folder in sorted(p for p in zero_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        alias = zero_dir / names.pipeline(folder.name)
+        if alias.name == folder.name or alias.exists():
+            continue
+        try:
+            alias.symlink_to(folder.name, target_is_directory=True)
+        except OSError:  # a volume without symlinks: a copy costs space, not correctness
+            shutil.copytree(folder, alias)
+
+
+def _universal_from_pipeline_plain(source: Path, out: Path, names: PipelineNames) -> None:
+    """The universal layout of a pipeline checkpoint without ZeRO (TP1): weights from the
+    per-layer files, each stage's torch optimizer state from its model-states file, matched to
+    parameters by the names the save recorded in the optimizer's order (PARAMETER_NAMES)."""
+    import deepspeed
+    import torch
+
+    weights: dict[str, Any] = {}
+    for path in sorted(source.glob("layer_*-model_states.pt")):
+        m = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", path.name)
+        if m is None or m.group(2) != "00":
+            raise RuntimeError(f"{source}: converting a pipeline checkpoint needs TP1 ({path.name})")
+        for key, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
+            weights.setdefault(names.of_layer_file(int(m.group(1)), key), tensor)
+    stages = sorted(source.glob("mp_rank_*_model_states.pt"))
+    groups: list[Any] = []
+    written: set[str] = set()
+    for path in stages:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        order = saved.get(PARAMETER_NAMES)
+        if order is None:
+            raise RuntimeError(f"{path}: saved without {PARAMETER_NAMES}; it cannot convert")
+        optim = saved.get("optimizer") or {}
+        ids = [i for group in optim.get("param_groups", []) for i in group["params"]]
+        groups = groups or optim.get("param_groups", [])
+        for name, pid in zip(order, ids, strict=True):
+            plain = names.plain(name)
+            if plain in written:
+                continue  # the tied embedding's copy: the same updates as the first stage's
+            written.add(plain)
+            folder = out / "zero" / plain
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"param": weights[plain].float(), "cat_dim": 0}, folder / "fp32.pt")
+            for key, value in (optim.get("state", {}).get(pid) or {}).items():
+                if key == "step":
+                    torch.save(torch.as_tensor(float(value)), folder / "step.pt")
+                else:
+                    torch.save({"param": value.float(), "cat_dim": 0}, folder / f"{key}.pt")
+        saved["optimizer"] = None
+        torch.save(saved, out / path.name)
+    torch.save(
+        {"param_groups": groups, "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt"
+    )
 
 
 def load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
