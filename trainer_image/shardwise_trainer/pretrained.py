@@ -266,7 +266,26 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise InvalidModel(f"--hf-model {model_dir}: cannot load the weights: {exc}") from exc
     model.config.use_cache = False
+    if quantize_4bit:
+        keep_4bit_weights_trainable(model)
     return model
+
+
+def keep_4bit_weights_trainable(model: Any) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during a validation pass.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` converts its weight to a packed
+    inference layout the first time it runs in eval mode without grad, and keeps it: the training
+    step after the first validation then took the inference kernel, whose in-place bias add
+    fails under autograd ("a view of a leaf Variable ... in-place operation"). Machines without
+    the instruction set never convert, which is why this appeared on one machine only. Returns
+    the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def vision_tower(model: Any) -> Any:
