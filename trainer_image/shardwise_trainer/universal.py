@@ -229,32 +229,40 @@ def _universal_from_plain(source: Path, out: Path) -> None:
     module = saved["module"]
     names = list(saved.get("param_shapes", [{}])[0]) if saved.get("param_shapes") else list(module)
 
-    def merged(name: str, pieces: list[Any]) -> Any:
-        # The dim is recorded at TP1 too: a resume at TP2 re-splits along it.
-        dim = _merge_dim(info, name)
-        return (pieces[0] if dim is None else torch.cat(pieces, dim=dim)).float(), dim or 0
+    def merged(pieces: list[Any], dim: int | None) -> Any:
+        return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
 
     for name, pid in zip(names, ids, strict=False):
-        folder = out / "zero" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        value, dim = merged(name, [r["module"][name] for r in ranks])
-        torch.save({"param": value, "cat_dim": dim}, folder / "fp32.pt")
-        for key, first in (optims[0].get("state", {}).get(pid) or {}).items():
-            if key == "step":
-                torch.save(torch.as_tensor(float(first)), folder / "step.pt")  # as ds_to_universal
-            else:
-                value, dim = merged(name, [o["state"][pid][key] for o in optims])
-                torch.save({"param": value, "cat_dim": dim}, folder / f"{key}.pt")
-    import deepspeed
+        # The dim is recorded at TP1 too: a resume at TP2 re-splits along it.
+        dim = _merge_dim(info, name)
+        state = optims[0].get("state", {}).get(pid) or {}
+        tensors = {"fp32": merged([r["module"][name] for r in ranks], dim)}
+        tensors |= {k: merged([o["state"][pid][k] for o in optims], dim) for k in state if k != "step"}
+        _save_parameter(out / "zero" / name, tensors, state.get("step"), cat_dim=dim or 0)
+    _save_optimizer_groups(out / "zero", optims[0].get("param_groups", []))
+    for path, engine_state in zip(files, ranks, strict=True):
+        engine_state["optimizer"] = None
+        torch.save(engine_state, out / path.name)
 
-    # The optimizer's global state the ZeRO optimizers read before the per-parameter files.
-    groups = optims[0].get("param_groups", [])
-    torch.save(
-        {"param_groups": groups, "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt"
-    )
-    for path, state in zip(files, ranks, strict=True):
-        state["optimizer"] = None
-        torch.save(state, out / path.name)
+
+def _save_parameter(folder: Path, tensors: dict[str, Any], step: Any, *, cat_dim: int) -> None:
+    """One parameter's universal files, as ds_to_universal writes them: ``fp32.pt`` and one file
+    per Adam moment (full fp32 tensors with the dim they merge and re-split along), ``step.pt``."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, value in tensors.items():
+        torch.save({"param": value.float(), "cat_dim": cat_dim}, folder / f"{key}.pt")
+    if step is not None:
+        torch.save(torch.as_tensor(float(step)), folder / "step.pt")
+
+
+def _save_optimizer_groups(zero_dir: Path, groups: list[Any]) -> None:
+    """The optimizer's global state the ZeRO optimizers read before the per-parameter files."""
+    import deepspeed
+    import torch
+
+    torch.save({"param_groups": groups, "ds_version": deepspeed.__version__}, zero_dir / "optimizer_state.pt")
 
 
 def _name_plainly(zero_dir: Path, names: PipelineNames) -> None:
@@ -283,7 +291,6 @@ def _universal_from_pipeline_plain(source: Path, out: Path, names: PipelineNames
     """The universal layout of a pipeline checkpoint without ZeRO (TP1): weights from the
     per-layer files, each stage's torch optimizer state from its model-states file, matched to
     parameters by the names the save recorded in the optimizer's order (PARAMETER_NAMES)."""
-    import deepspeed
     import torch
 
     weights: dict[str, Any] = {}
@@ -309,19 +316,12 @@ def _universal_from_pipeline_plain(source: Path, out: Path, names: PipelineNames
             if plain in written:
                 continue  # the tied embedding's copy: the same updates as the first stage's
             written.add(plain)
-            folder = out / "zero" / plain
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"param": weights[plain].float(), "cat_dim": 0}, folder / "fp32.pt")
-            for key, value in (optim.get("state", {}).get(pid) or {}).items():
-                if key == "step":
-                    torch.save(torch.as_tensor(float(value)), folder / "step.pt")
-                else:
-                    torch.save({"param": value.float(), "cat_dim": 0}, folder / f"{key}.pt")
+            state = optim.get("state", {}).get(pid) or {}
+            tensors = {"fp32": weights[plain], **{k: v for k, v in state.items() if k != "step"}}
+            _save_parameter(out / "zero" / plain, tensors, state.get("step"), cat_dim=0)
         saved["optimizer"] = None
         torch.save(saved, out / path.name)
-    torch.save(
-        {"param_groups": groups, "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt"
-    )
+    _save_optimizer_groups(out / "zero", groups)
 
 
 def load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
