@@ -26,6 +26,19 @@ def events_for(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, An
     return kubectl.events(namespace, name)
 
 
+def wait_not_planned(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    """The job once its Planned condition is False."""
+    return wait_for(
+        "Planned=False",
+        lambda: (
+            (j := kubectl.job(namespace, name))
+            and (c := condition(j, "Planned"))
+            and c["status"] == "False"
+            and j
+        ),
+    )
+
+
 def test_job_is_planned_and_its_children_follow_the_plan(
     kubectl: Kubectl, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -166,15 +179,7 @@ def test_a_job_that_cannot_fit_gets_a_condition_and_an_event_and_no_pods(
             resources={"nodes": 1, "gpusPerNode": 8},
         )
     )
-    job = wait_for(
-        "Planned=False",
-        lambda: (
-            (j := kubectl.job(namespace, "huge"))
-            and (c := condition(j, "Planned"))
-            and c["status"] == "False"
-            and j
-        ),
-    )
+    job = wait_not_planned(kubectl, namespace, "huge")
     planned = condition(job, "Planned")
     assert planned is not None
     assert planned["reason"] == "InsufficientGpuMemory"
@@ -204,15 +209,7 @@ def test_a_job_waiting_for_gpus_starts_when_a_node_is_added(
             resources={"nodes": 1, "gpusPerNode": 8, "gpuProduct": product},
         )
     )
-    job = wait_for(
-        "Planned=False",
-        lambda: (
-            (j := kubectl.job(namespace, "waits"))
-            and (c := condition(j, "Planned"))
-            and c["status"] == "False"
-            and j
-        ),
-    )
+    job = wait_not_planned(kubectl, namespace, "waits")
     planned = condition(job, "Planned")
     assert planned is not None
     assert planned["reason"] == "NoGpuNodes"
@@ -275,15 +272,7 @@ def test_a_job_waiting_for_gpus_starts_when_another_workloads_pod_gives_them_bac
             resources={"nodes": 1, "gpusPerNode": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3"},
         )
     )
-    job = wait_for(
-        "Planned=False",
-        lambda: (
-            (j := kubectl.job(namespace, "patient"))
-            and (c := condition(j, "Planned"))
-            and c["status"] == "False"
-            and j
-        ),
-    )
+    job = wait_not_planned(kubectl, namespace, "patient")
     assert (condition(job, "Planned") or {}).get("reason") == "InsufficientGpus"
 
     kubectl("delete", "pod", "-n", namespace, blockers[0], "--wait=true")
