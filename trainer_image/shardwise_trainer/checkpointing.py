@@ -40,6 +40,7 @@ from shardwise_trainer.universal import (
     UNIVERSAL_SUFFIX,
     convert_to_universal,
     load_universal_plain,
+    tag_of,
     universal_info,
 )
 
@@ -49,10 +50,6 @@ LATEST = "latest"
 LAYOUT_FILE = "shardwise-layout.json"
 SHARDING_METADATA = "sharding_metadata"
 _TAG = re.compile(r"^step(\d+)$")
-
-
-def tag_of(step: int) -> str:
-    return f"step{step}"
 
 
 def layout_record(layout: Layout) -> dict[str, Any]:
@@ -147,11 +144,6 @@ class Resume:
     convert_seconds: float = 0.0
 
 
-def conversion_refusal(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Why the checkpoint written at ``saved`` cannot resume at ``current`` (None: it can)."""
-    return capabilities.resume_refusal(saved, current)
-
-
 def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
     """Rank 0: the checkpoint to resume from and whether it needs the universal form; a
     ContractError (InvalidCheckpoint) when it cannot be converted to the current layout."""
@@ -163,7 +155,7 @@ def plan_resume(directory: Path, current: dict[str, Any]) -> Resume | None:
     saved = json.loads(layout_path.read_text()) if layout_path.exists() else dict(current)
     if same_sharding(saved, current) and saved.get("method", current.get("method")) == current.get("method"):
         return Resume(step=step, tag=tag, saved_layout=saved, universal=False)
-    refusal = conversion_refusal(saved, current)
+    refusal = capabilities.resume_refusal(saved, current)
     moved = [k for k in ("tp", "pp") if saved.get(k, 1) != current.get(k, 1)]
     if refusal is None and moved and not saved.get(SHARDING_METADATA):
         refusal = (

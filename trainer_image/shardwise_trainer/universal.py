@@ -23,7 +23,8 @@ COMPLETE = "shardwise-complete"
 UNIVERSAL_SUFFIX = "-universal"
 
 
-def _tag_of(step: int) -> str:
+def tag_of(step: int) -> str:
+    """The tag (directory name) of the checkpoint saved after ``step``."""
     return f"step{step}"
 
 
@@ -72,7 +73,7 @@ def convert_to_universal(directory: Path, step: int, names: PipelineNames | None
 
     With ``names`` (the built-in model) the per-parameter folders get the plain model's names and
     the pipeline's names as aliases, so one copy loads at any pipeline depth."""
-    out = directory / (_tag_of(step) + UNIVERSAL_SUFFIX)
+    out = directory / (tag_of(step) + UNIVERSAL_SUFFIX)
     if (out / COMPLETE).exists():
         return 0.0
     from argparse import Namespace
@@ -83,7 +84,7 @@ def convert_to_universal(directory: Path, step: int, names: PipelineNames | None
     tmp = directory / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     args = Namespace(
-        input_folder=str(directory / _tag_of(step)),
+        input_folder=str(directory / tag_of(step)),
         output_folder=str(tmp),
         num_extract_workers=1,
         num_merge_workers=1,
@@ -91,7 +92,7 @@ def convert_to_universal(directory: Path, step: int, names: PipelineNames | None
         strict=True,
         inject_missing_state=True,
     )
-    source = directory / _tag_of(step)
+    source = directory / tag_of(step)
     if any(source.glob("*optim_states.pt")):
         ds_to_universal.main(args)
         _complete_zero3_conversion(tmp)
@@ -105,7 +106,7 @@ def convert_to_universal(directory: Path, step: int, names: PipelineNames | None
         _name_plainly(tmp / "zero", names)
     _add_zero3_global_state(tmp)
     _alias_engine_state(tmp)
-    (tmp / COMPLETE).write_text(f"{_tag_of(step)}\n")
+    (tmp / COMPLETE).write_text(f"{tag_of(step)}\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return time.perf_counter() - start
@@ -214,7 +215,7 @@ def _universal_from_plain(source: Path, out: Path) -> None:
     holding that rank's slice of the weights and the torch optimizer's state (parameters in module
     order, trainable only); slices merge by the saved TP patterns (:func:`universal_info`)."""
     import torch
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.checkpoint.constants import TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO
 
     files = sorted(source.glob("mp_rank_*_model_states.pt"))
     if not files or any(not re.fullmatch(r"mp_rank_\d+_model_states\.pt", f.name) for f in files):
@@ -222,7 +223,7 @@ def _universal_from_plain(source: Path, out: Path) -> None:
     ranks = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
     saved = ranks[0]
     info = saved.get(UNIVERSAL_CHECKPOINT_INFO) or {}
-    if len(ranks) > 1 and not info.get("tp_replicated_parameter_patterns"):
+    if len(ranks) > 1 and not info.get(TP_REPLICATED_PARAMETER_PATTERNS):
         raise RuntimeError(f"{source}: a TP{len(ranks)} checkpoint without its TP patterns cannot merge")
     optims = [r.get("optimizer") or {} for r in ranks]
     ids = [i for group in optims[0].get("param_groups", []) for i in group["params"]]
