@@ -84,7 +84,17 @@ def test_stats_endpoint_during_run(trainer_runs: RunCache, tmp_path) -> None:  #
             "SHARDWISE_TEST_SLOW_RANK": "1:4",
         }
     )
-    cmd = torchrun_cmd(2, trainer_runs.layout_path("dp2-zero2"), 40, "--stats-dir", str(tmp_path / "stats"))
+    # Every step refreshes the stats file, so the windows below do not depend on this CPU's step
+    # time (at the default 0.5 s a fast CPU shows one step in six and fills fewer windows).
+    cmd = torchrun_cmd(
+        2,
+        trainer_runs.layout_path("dp2-zero2"),
+        40,
+        "--stats-dir",
+        str(tmp_path / "stats"),
+        "--stats-refresh-seconds",
+        "0",
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     scraped: dict[str, list[tuple[dict[str, str], float]]] = {}
     pages: list[str] = []  # every page scraped during the run, in order

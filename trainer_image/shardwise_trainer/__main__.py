@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stats-dir", default=None, help="per-pod dir where local ranks drop their stats")
     p.add_argument(
+        "--stats-refresh-seconds",
+        type=float,
+        default=0.5,
+        help="least time between two rewrites of a rank's stats file (0 = every step)",
+    )
+    p.add_argument(
         "--linger-seconds", type=float, default=0.0, help="keep serving stats this long at the end"
     )
     p.add_argument("--log-level", default="WARNING")
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_host=args.metrics_host,
                 stats_dir=args.stats_dir,
                 linger_seconds=args.linger_seconds,
+                stats_refresh_seconds=args.stats_refresh_seconds,
                 lr=args.lr,
                 hf_model=args.hf_model,
                 trust_remote_code=args.trust_remote_code,

@@ -29,6 +29,8 @@ class RunOptions:
     metrics_host: str
     stats_dir: str | None
     linger_seconds: float
+    #: least time between two rewrites of a rank's stats file (the first and last step always write)
+    stats_refresh_seconds: float = 0.5
     lr: float | None = None
     hf_model: str | None = None  # a local Hugging Face model directory (pretrained.py), else built-in
     trust_remote_code: bool = False  # run modelling code shipped in the model directory (opt-in)

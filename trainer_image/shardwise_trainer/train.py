@@ -36,8 +36,6 @@ from shardwise_trainer.runopts import RunOptions, data_options
 from shardwise_trainer.straggle import parse_slow_rank
 
 log = logging.getLogger("shardwise_trainer")
-#: Least time between two rewrites of a rank's stats file (the first and last step always write).
-STATS_REFRESH_SECONDS = 0.5
 
 
 def _single_process_env() -> None:
@@ -313,11 +311,11 @@ def run(opts: RunOptions) -> int:
                 _emit({"event": "eval", "step": done, "loss": validation_loss, "rows": len(validation)})
         t_stats = time.perf_counter()
         # The stats file is what the pod's endpoint serves and the operator scrapes every few
-        # seconds: refreshing it more often than STATS_REFRESH_SECONDS only costs step time.
+        # seconds: refreshing it more often than that only costs step time.
         if (
             evaluated
             or done in (start_step + 1, opts.steps)
-            or t_stats - stats_written >= STATS_REFRESH_SECONDS
+            or t_stats - stats_written >= opts.stats_refresh_seconds
         ):
             stats_written = t_stats
             mem = dict(dev.memory())
