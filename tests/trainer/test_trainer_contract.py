@@ -72,6 +72,8 @@ def _mutate(doc: dict[str, Any], section: str, **changes: Any) -> dict[str, Any]
         (_mutate(hand_layout(pp=2), "ranks", stage_layers=[[0, 1], [2, 4]]), "not contiguous"),
         (_mutate(hand_layout(), "ranks", order=["tp", "dp", "pp"]), "ranks.order"),
         ({**hand_layout(), "model": {"name": "x", "parameters": 7, "architecture": None}}, "architecture"),
+        (_mutate(hand_layout(), "layout", sp=3), "sp=3: training.sequence_length=32 is not a multiple"),
+        (_mutate(hand_layout(), "layout", sp=8), "sp=8: the model's 4 attention heads do not split"),
     ],
 )
 def test_invalid_layouts_are_rejected_clearly(doc: dict[str, Any], message: str) -> None:
@@ -86,6 +88,21 @@ def test_layout_parses_and_default_stage_split() -> None:
     assert (layout.tp, layout.pp, layout.dp, layout.world_size) == (1, 2, 2, 4)
     assert layout.stage_layers == ((0, 2), (2, 4))
     assert layout.predicted_model_state_bytes(0) is None
+
+
+def test_a_sequence_parallel_layout_needs_sp_ranks_per_replica() -> None:
+    from shardwise_trainer import dsconfig  # noqa: PLC0415
+
+    doc = _mutate(hand_layout(dp=2, zero=3), "layout", sp=2)
+    layout = contract.parse_layout(doc)
+    assert (layout.sp, layout.dp, layout.world_size) == (2, 2, 4)
+    adapted = dsconfig.adapt(
+        {"zero_optimization": {"stage": 3, "reduce_scatter": False}}, layout, on_cpu=True, autotp=True
+    )
+    assert adapted.config["sequence_parallel_size"] == 2
+    assert adapted.config["train_batch_size"] == layout.global_batch_size  # samples, not slices
+    assert adapted.config["zero_optimization"]["reduce_scatter"] is True
+    assert contract.parse_layout(hand_layout()).sp == 1  # absent: 1
 
 
 def test_ds_config_adapted_for_cpu() -> None:

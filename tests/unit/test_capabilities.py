@@ -147,6 +147,7 @@ def test_the_planner_option_space_walk_returns_only_table_rows(method: str, pret
 
 
 _AUTOTP: dict[str, Any] = {"method": "full", "model": "pretrained", "tp": 2}
+_ULYSSES: dict[str, Any] = {"method": "full", "model": "pretrained", "sp": 2, "family": "llama"}
 
 
 @pytest.mark.parametrize(
@@ -163,6 +164,13 @@ _AUTOTP: dict[str, Any] = {"method": "full", "model": "pretrained", "tp": 2}
         ({"method": "lora", "model": "builtin"}, "needs a pretrained model"),
         ({"method": "inference", "model": "pretrained"}, "method inference"),
         ({"method": "full", "model": "builtin", "pp": 2, "zero_stage": 1, "offload": "optimizer"}, "pp=1"),
+        ({**_ULYSSES, "model": "builtin"}, "sp=2: Ulysses sequence parallelism runs for full fine-tuning"),
+        ({**_ULYSSES, "method": "lora"}, "sp=2: Ulysses sequence parallelism runs for full fine-tuning"),
+        ({**_ULYSSES, "tp": 2}, "sp=2 with tp=2, pp=1: Ulysses sequence parallelism runs with tp=1"),
+        ({**_ULYSSES, "zero_stage": 0}, "ZeRO stage 0 with sp=2"),
+        ({**_ULYSSES, "zero_stage": 3, "offload": "optimizer"}, "offload=optimizer with sp=2"),
+        ({**_ULYSSES, "family": "chatglm"}, "sp=2 for model family chatglm"),
+        ({**_ULYSSES, "vision_tower": True}, "sp=2 for a model with a vision tower"),
     ],
 )
 def test_refusals_name_the_limit(kwargs: dict[str, Any], fragment: str) -> None:
@@ -194,6 +202,39 @@ def test_what_runs_is_not_refused(method: str, zero: int, offload: str) -> None:
         offload=offload,
     )
     assert reason is None
+
+
+@pytest.mark.parametrize(("zero", "family"), [(1, "llama"), (2, "mistral"), (3, "qwen2")])
+def test_a_pretrained_model_runs_ulysses_sequence_parallel(zero: int, family: str) -> None:
+    reason = trainer_caps.refusal(
+        method="full",
+        model="pretrained",
+        tp=1,
+        pp=1,
+        sequence_parallel=False,
+        zero_stage=zero,
+        offload="none",
+        family=family,
+        sp=4,
+    )
+    assert reason is None
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "fragment"),
+    [
+        ({"sp": 2, "dp": 1}, {"dp": 2}, "sp 2 -> 1, dp 1 -> 2"),
+        ({"dp": 2}, {"sp": 2, "dp": 1}, "sp 1 -> 2, dp 2 -> 1"),
+        ({"sp": 2, "dp": 2, "zero_stage": 1}, {"sp": 2, "dp": 2, "zero_stage": 3}, "zero_stage 1 -> 3"),
+    ],
+)
+def test_a_sequence_parallel_checkpoint_resumes_only_at_its_layout(
+    saved: dict[str, object], current: dict[str, object], fragment: str
+) -> None:
+    reason = trainer_caps.resume_refusal({"method": "full", **saved}, {"method": "full", **current})
+    assert reason is not None and fragment in reason and "Ulysses sequence parallelism" in reason
+    same = {"method": "full", "sp": 2, "dp": 2, "zero_stage": 1}
+    assert trainer_caps.resume_refusal(same, dict(same)) is None
 
 
 def test_lora_module_names_per_family() -> None:

@@ -72,6 +72,17 @@ def build_model(
     mpu: Any = Mpu(topo)
     if hf_model_dir:  # pp == 1; tp > 1 is DeepSpeed AutoTP (capabilities.TABLE, hf_tp.py)
         low_precision = layout.precision != "fp32"
+        shard = None
+        if layout.sp > 1:  # DeepSpeed's own SP groups (consecutive ranks, as Topology's)
+            from shardwise_trainer import sequence_parallel
+
+            mpu = sequence_parallel.register(
+                hf_model_dir,
+                sp=layout.sp,
+                micro_batch=layout.micro_batch,
+                sequence_length=layout.sequence_length,
+            )
+            shard = sequence_parallel.shard_of(mpu, zero_stage=layout.zero_stage)
         hf_model = pretrained.load_model(
             hf_model_dir,
             hf_config,
@@ -80,6 +91,7 @@ def build_model(
             quantize_4bit=layout.method == "qlora",
             compute_dtype=torch.bfloat16 if low_precision else torch.float32,
             trust_remote_code=trust_remote_code,
+            attn_implementation=None if shard is None else sequence_parallel.CORE_ATTENTION,
         )
         hf_model = methods.apply_method(
             hf_model,
@@ -87,7 +99,7 @@ def build_model(
             pretrained.model_family(hf_config),
             checkpointing=layout.checkpointing != "none",
         )
-        model = pretrained.wrap_for_training(hf_model)
+        model = pretrained.wrap_for_training(hf_model, shard)
         parameters = pretrained.count_parameters(model)
         # With AutoTP the trainer's Mpu still goes to deepspeed.initialize: its config reads the DP
         # size (train_batch_size = micro * accum * dp) from it; the engine then builds its own TP

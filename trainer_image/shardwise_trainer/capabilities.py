@@ -48,6 +48,12 @@ class Capability:
     tensor_families: tuple[str, ...] = ()
     #: With tp > 1: whether a model with a vision tower (extra parameters, e.g. Qwen2-VL) runs.
     tensor_vision_tower: bool = True
+    #: Largest Ulysses sequence-parallel degree (attention heads split by all-to-all; 0 = any),
+    #: and with sp > 1 the ZeRO stages, offloads and model families (empty: any) that run.
+    max_sp: int = 1
+    sequence_zero_stages: tuple[int, ...] = (1, 2, 3)
+    sequence_offloads: tuple[str, ...] = ("none",)
+    sequence_families: tuple[str, ...] = ()
 
 
 TABLE: Final[tuple[Capability, ...]] = (
@@ -72,14 +78,18 @@ TABLE: Final[tuple[Capability, ...]] = (
         pipeline_zero_stages=(),
         offloads=("none", "optimizer", "all"),
         limits=(
-            "a pretrained model runs data parallel (ZeRO 0-3) with pp=1, and tensor parallel "
-            "(DeepSpeed AutoTP) with ZeRO 0-2, no offload, text-only Llama / Mistral / Qwen2 models"
+            "a pretrained model runs data parallel (ZeRO 0-3) with pp=1, tensor parallel "
+            "(DeepSpeed AutoTP) with ZeRO 0-2, no offload, text-only Llama / Mistral / Qwen2 models, "
+            "and Ulysses sequence parallel with tp=1, ZeRO 1-3, no offload, text-only Llama / Mistral / "
+            "Qwen2 models"
         ),
         tensor_zero_stages=(0, 1, 2),
         tensor_offloads=("none",),
         tensor_families=("llama", "mistral", "qwen2"),
         # AutoTP would shard a vision tower's linears too; not run or tested (Qwen2-VL is qwen2).
         tensor_vision_tower=False,
+        max_sp=0,
+        sequence_families=("llama", "mistral", "qwen2"),
     ),
     Capability(
         "lora",
@@ -200,9 +210,11 @@ def refusal(
     expert: int = 1,
     family: str | None = None,
     vision_tower: bool = False,
+    sp: int = 1,
 ) -> str | None:
     """None when the trainer runs this layout, else one sentence naming the limit (``family`` and
-    ``vision_tower``: what decides whether a pretrained model runs tensor parallel)."""
+    ``vision_tower``: what decides whether a pretrained model runs tensor or sequence parallel;
+    ``sp``: the Ulysses sequence-parallel degree)."""
     candidates = rows(method, model)
     if not candidates:
         runnable = sorted({f"{c.method} ({c.model})" for c in TABLE})
@@ -238,6 +250,22 @@ def refusal(
             reasons.append(f"offload={offload}: {c.limits}")
         elif offload != "none" and pp > 1:
             reasons.append(f"offload={offload} with pp={pp}: {c.limits}")
+        elif sp > 1 and c.max_sp != 0 and sp > c.max_sp:
+            reasons.append(
+                f"sp={sp}: Ulysses sequence parallelism runs for full fine-tuning of a pretrained model only"
+            )
+        elif sp > 1 and (tp > 1 or pp > 1):
+            reasons.append(
+                f"sp={sp} with tp={tp}, pp={pp}: Ulysses sequence parallelism runs with tp=1, pp=1"
+            )
+        elif sp > 1 and zero_stage not in c.sequence_zero_stages:
+            reasons.append(f"ZeRO stage {zero_stage} with sp={sp}: {c.limits}")
+        elif sp > 1 and offload not in c.sequence_offloads:
+            reasons.append(f"offload={offload} with sp={sp}: {c.limits}")
+        elif sp > 1 and c.sequence_families and family not in c.sequence_families:
+            reasons.append(f"sp={sp} for model family {family}: {c.limits}")
+        elif sp > 1 and vision_tower:
+            reasons.append(f"sp={sp} for a model with a vision tower: {c.limits}")
         elif expert > c.max_ep:
             reasons.append(
                 f"expert={expert}: expert parallelism is not run yet (every rank holds all experts; "
@@ -278,6 +306,18 @@ def resume_refusal(saved: dict[str, object], current: dict[str, object]) -> str 
         changed.insert(0, "tp")
     if pp[0] != pp[1] and tp != (1, 1):
         changed.insert(0 if "tp" not in changed else 1, "pp")
+    sp = (saved.get("sp", 1), current.get("sp", 1))
+    if sp[0] != sp[1] or sp[0] != 1:
+        # DeepSpeed saves an SP run's ranks as model-parallel ranks: no conversion reads them yet.
+        moved = [k for k in ("sp", "dp", "zero_stage") if saved.get(k, 1) != current.get(k, 1)]
+        if moved:
+            changes = ", ".join(f"{k} {saved.get(k, 1)} -> {current.get(k, 1)}" for k in moved)
+            return (
+                f"the latest checkpoint was written at another layout ({changes}) and a checkpoint "
+                "written with or resumed into Ulysses sequence parallelism resumes only at its own SP "
+                "size, DP size and ZeRO stage; resume at those, or move the checkpoint directory away "
+                "to start at step 0"
+            )
     if not changed:
         return None
     changes = ", ".join(f"{k} {saved.get(k, 1)} -> {current.get(k, 1)}" for k in changed)

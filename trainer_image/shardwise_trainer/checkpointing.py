@@ -60,11 +60,14 @@ def layout_record(layout: Layout) -> dict[str, Any]:
         "dp": layout.dp,
         "zero_stage": layout.zero_stage,
         "method": layout.method,
+        **({"sp": layout.sp} if layout.sp > 1 else {}),  # absent = 1, as in older checkpoints
     }
 
 
 def same_sharding(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    return all(saved.get(k) == current.get(k) for k in ("tp", "pp", "dp", "zero_stage"))
+    return all(saved.get(k) == current.get(k) for k in ("tp", "pp", "dp", "zero_stage")) and saved.get(
+        "sp", 1
+    ) == current.get("sp", 1)
 
 
 def complete_steps(directory: Path) -> list[int]:

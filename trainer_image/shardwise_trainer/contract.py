@@ -239,6 +239,7 @@ K_GRAD_ACCUM: Final = "grad_accum"
 K_CHECKPOINTING: Final = "checkpointing"
 K_SEQUENCE_PARALLEL: Final = "sequence_parallel"
 K_EP: Final = "ep"  # expert-parallel degree (MoE); absent = 1
+K_SP: Final = "sp"  # Ulysses sequence-parallel degree; absent = 1
 K_OFFLOAD: Final = "offload"
 K_NODES: Final = "nodes"
 K_GPUS_PER_NODE: Final = "gpus_per_node"
@@ -433,11 +434,14 @@ class Layout:
     first_trainable_layer: int = 0
     sequence_parallel: bool = False
     ep: int = 1
+    #: Ulysses sequence parallelism: ``sp`` consecutive ranks share each sample, one slice of its
+    #: sequence each (attention heads exchanged by all-to-all); DP replicas are groups of ``sp``.
+    sp: int = 1
 
     @property
     def world_size(self) -> int:
-        """Number of ranks the layout needs (tp * pp * dp)."""
-        return self.tp * self.pp * self.dp
+        """Number of ranks the layout needs (tp * sp * pp * dp)."""
+        return self.tp * self.sp * self.pp * self.dp
 
     def predicted_model_state_bytes(self, stage: int) -> int | None:
         """``predicted.per_stage[stage].model_state_bytes`` per GPU, or None when absent."""
@@ -581,7 +585,9 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
         first_trainable_layer=first_trainable,
         sequence_parallel=bool(lay.get(K_SEQUENCE_PARALLEL, False)),
         ep=int(lay.get(K_EP) or 1),
+        sp=int(lay.get(K_SP) or 1),
     )
+    _check_sequence_parallel(layout)
     if layout.micro_batch * layout.grad_accum * dp != layout.global_batch_size:
         raise ContractError(
             f"layout.json: micro_batch {layout.micro_batch} * grad_accum {layout.grad_accum} * dp {dp} "
@@ -595,6 +601,26 @@ def parse_layout(doc: Mapping[str, Any]) -> Layout:
             "supports ZeRO stage 0 or 1 only"
         )
     return layout
+
+
+def _check_sequence_parallel(layout: Layout) -> None:
+    """Ulysses' divisibility rules: each rank holds sequence / sp tokens and heads / sp heads."""
+    sp, arch = layout.sp, layout.architecture
+    if sp < 1:
+        raise ContractError(f"layout.json: sp={sp} (expected >= 1)")
+    if sp == 1:
+        return
+    problems = []
+    if layout.sequence_length % sp:
+        problems.append(f"training.sequence_length={layout.sequence_length} is not a multiple of sp")
+    if arch.heads % sp:
+        problems.append(f"the model's {arch.heads} attention heads do not split into sp groups")
+    if arch.kv_heads % sp and sp % arch.kv_heads:
+        problems.append(
+            f"the model's {arch.kv_heads} key/value heads neither split into sp groups nor divide sp"
+        )
+    if problems:
+        raise ContractError(f"layout.json: sp={sp}: " + "; ".join(problems))
 
 
 def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
@@ -611,6 +637,7 @@ def runtime_refusal(layout: Layout, *, pretrained: bool) -> str | None:
         expert=layout.ep,
         family=layout.architecture.family,
         vision_tower=layout.architecture.extra_parameters > 0,
+        sp=layout.sp,
     )
 
 

@@ -67,6 +67,11 @@ def adapt(
     setk("gradient_accumulation_steps", layout.grad_accum, "layout.grad_accum")
     setk("train_batch_size", layout.micro_batch * layout.grad_accum * layout.dp, "micro*accum*dp")
     cfg["steps_per_print"] = 10**9  # the trainer prints its own per-step lines
+    if layout.sp > 1:
+        setk("sequence_parallel_size", layout.sp, "layout sp")
+    elif "sequence_parallel_size" in cfg:
+        out.changes.append(f"sequence_parallel_size {cfg['sequence_parallel_size']!r} removed (layout sp=1)")
+        del cfg["sequence_parallel_size"]
     if autotp:  # a pretrained model: DeepSpeed AutoTP shards it over the layout's TP degree
         tensor = {"autotp_size": layout.tp} if layout.tp > 1 else None
         if cfg.get("tensor_parallel") != tensor:
@@ -94,6 +99,11 @@ def adapt(
             if key in zero and zero[key].get("pin_memory"):
                 zero[key] = {**zero[key], "pin_memory": False}
                 out.changes.append(f"zero_optimization.{key}.pin_memory -> false (CPU: nothing to pin for)")
+    if layout.sp > 1 and layout.zero_stage == 3 and zero.get("reduce_scatter", True) is not True:
+        # sequence_parallel.py scales the gradients for ZeRO-3's reduce-scatter path: keep every
+        # bucket on it (the all-reduce path divides differently).
+        out.changes.append("zero_optimization.reduce_scatter -> true (sequence parallelism under ZeRO-3)")
+        zero["reduce_scatter"] = True
     if layout.zero_stage == 3:
         # The output (outputs.py) gathers the 16-bit weights from the partitions.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)

@@ -10,7 +10,7 @@ from shardwise_trainer.contract import Layout
 
 def evaluate(engine: Any, source: Any, rows: Any, *, layout: Layout, dp_rank: int, device: Any) -> float:
     """Mean loss over the trained tokens of every validation row (all ranks take part: under
-    ZeRO-3 each forward is a collective)."""
+    ZeRO-3 or SP each forward is a collective)."""
     import torch
     import torch.distributed as dist
 
@@ -22,8 +22,10 @@ def evaluate(engine: Any, source: Any, rows: Any, *, layout: Layout, dp_rank: in
             tokens = int((batch[1] != -100).sum())
             loss = engine(*batch)
             if tokens:  # a filler batch (loss NaN) counts for nothing
+                # Under SP each of the group's ranks returns its share of the batch's mean loss
+                # (the shares add up): the group's tokens are counted once, split over its ranks.
                 total[0] += float(loss) * tokens
-                total[1] += tokens
+                total[1] += tokens / layout.sp
     engine.train()
     if dist.get_world_size() > 1:
         dist.all_reduce(total)

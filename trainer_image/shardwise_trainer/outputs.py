@@ -76,13 +76,17 @@ def save(
     return path
 
 
-def probe_loss(engine: Any, ids: Any, labels: Any) -> float:
-    """The trained model's loss on one batch in eval mode (all ranks call it: a ZeRO-3 forward is
-    a collective); what a fresh process that loads the output must reproduce."""
+def probe_loss(engine: Any, ids: Any, labels: Any, *, sp_group: Any = None) -> float:
+    """The trained model's loss on one batch in eval mode (all ranks call it: a ZeRO-3 or SP
+    forward is a collective); what a fresh process that loads the output must reproduce. Under
+    SP each rank's forward returns its share, summed over ``sp_group``."""
     import torch
+    import torch.distributed as dist
 
     engine.eval()
     with torch.no_grad():
-        loss = float(engine(ids, labels).float())
+        loss = engine(ids, labels).float()
+        if sp_group is not None:
+            dist.all_reduce(loss, group=sp_group)
     engine.train()
-    return loss
+    return float(loss)

@@ -229,9 +229,11 @@ def load_model(
     quantize_4bit: bool,
     compute_dtype: Any,
     trust_remote_code: bool,
+    attn_implementation: str | None = None,
 ) -> Any:
     """The pretrained model, fp32 (DeepSpeed applies the layout's precision) or 4-bit NF4 for
-    QLoRA; partitioned at load under ZeRO-3."""
+    QLoRA; partitioned at load under ZeRO-3 (``attn_implementation``: transformers' choice when
+    None; sequence parallelism needs the one its attention wrapper replaced)."""
     import torch
 
     transformers = _import_transformers()
@@ -240,6 +242,8 @@ def load_model(
         "local_files_only": True,
         "trust_remote_code": trust_remote_code,
     }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
@@ -332,9 +336,10 @@ def reads_packed_positions(config: Any) -> bool:
 WRAPPED_PREFIX = "model."
 
 
-def wrap_for_training(model: Any) -> Any:
+def wrap_for_training(model: Any, shard: Any = None) -> Any:
     """``forward(ids, labels) -> mean loss``, the built-in model's interface (labels are already
-    shifted by the data source, so the model's own shifting loss is not used)."""
+    shifted by the data source, so the model's own shifting loss is not used). With a
+    ``sequence_parallel.SequenceShard`` each rank runs its slice and returns its loss share."""
     import torch
     from torch import nn
 
@@ -345,14 +350,19 @@ def wrap_for_training(model: Any) -> Any:
             super().__init__()
             self.model = inner
             self._tp = TPContext(size=1, rank=0, group=None)
+            self._shard = shard
 
         def forward(
             self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
         ) -> torch.Tensor:
             # Packed rows carry position ids restarting per sample: transformers then masks
             # attention to each sample (reads_packed_positions). Labels -100 are ignored.
+            if self._shard is not None:
+                ids, labels, position_ids = self._shard.slice(ids, labels, position_ids)
             extra = {} if position_ids is None else {"position_ids": position_ids}
             logits = self.model(input_ids=ids, use_cache=False, **extra).logits
+            if self._shard is not None:
+                return self._shard.loss_share(logits, labels)
             return lm_loss(logits, labels, self._tp)
 
     model.train()  # from_pretrained returns the model in eval mode

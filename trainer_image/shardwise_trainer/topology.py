@@ -1,6 +1,8 @@
 """Process groups of the layout (PP, DP, TP) in the contract's rank order, and the DeepSpeed ``mpu``.
 
-``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank`` (contract.rank_of). Every rank creates
+``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank`` (contract.rank_of). A Ulysses
+sequence-parallel group takes the TP slot (consecutive ranks; it runs with tp = pp = 1, and
+DeepSpeed's Ulysses mpu builds the same groups): ``rank = dp_rank * sp + sp_rank``. Every rank creates
 every group in the same order (``torch.distributed.new_group`` is collective), keeps its own.
 The :class:`Mpu` object is what DeepSpeed calls a Megatron-style model-parallel unit: handed to
 ``deepspeed.initialize(mpu=...)`` it makes ZeRO partition over the DP group only and makes the
@@ -37,6 +39,8 @@ class Topology:
     tp_ranks: list[int]
     dp_ranks: list[int]
     pp_ranks: list[int]
+    sp: int = 1
+    sp_rank: int = 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -44,13 +48,21 @@ class Topology:
         return self.pp_rank == self.pp - 1
 
 
-def build_topology(tp: int, pp: int, dp: int) -> Topology:
-    """Create the groups for a tp × pp × dp layout; ``dist`` must be initialised with world tp*pp*dp."""
+def build_topology(tp: int, pp: int, dp: int, sp: int = 1) -> Topology:
+    """Create the groups for a tp × sp × pp × dp layout; ``dist`` must be initialised with that world.
+
+    With sp > 1 (tp = pp = 1) the TP fields hold this rank alone and ``sp_rank`` its place in the
+    SP group, whose process group DeepSpeed's Ulysses mpu owns."""
     world = dist.get_world_size()
-    if world != tp * pp * dp:
+    if world != tp * sp * pp * dp:
         raise RuntimeError(
-            f"the layout needs tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} processes, torchrun started {world}"
+            f"the layout needs tp*sp*pp*dp = {tp}*{sp}*{pp}*{dp} = {tp * sp * pp * dp} processes, "
+            f"torchrun started {world}"
         )
+    if sp > 1 and (tp > 1 or pp > 1):
+        raise RuntimeError(f"sp={sp} runs with tp=1, pp=1 (got tp={tp}, pp={pp})")
+    if sp > 1:
+        return _sequence_topology(sp, dp)
     rank = dist.get_rank()
     pp_rank, dp_rank, tp_rank = coords_of(rank, tp=tp, dp=dp)
     groups: dict[str, tuple[ProcessGroup, list[int]]] = {}
@@ -90,6 +102,38 @@ def build_topology(tp: int, pp: int, dp: int) -> Topology:
         tp_ranks=groups["tp"][1],
         dp_ranks=groups["dp"][1],
         pp_ranks=groups["pp"][1],
+    )
+
+
+def _sequence_topology(sp: int, dp: int) -> Topology:
+    rank = dist.get_rank()
+    groups: dict[str, tuple[ProcessGroup, list[int]]] = {}
+    for r in range(sp * dp):  # TP and PP groups of one rank each
+        g = dist.new_group([r])
+        if r == rank:
+            groups["one"] = (g, [r])
+    for s in range(sp):  # DP groups: the same slice of every replica's samples
+        ranks = [d * sp + s for d in range(dp)]
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            groups["dp"] = (g, ranks)
+    return Topology(
+        rank=rank,
+        world_size=sp * dp,
+        tp=1,
+        pp=1,
+        dp=dp,
+        tp_rank=0,
+        dp_rank=rank // sp,
+        pp_rank=0,
+        tp_group=groups["one"][0],
+        dp_group=groups["dp"][0],
+        pp_group=groups["one"][0],
+        tp_ranks=groups["one"][1],
+        dp_ranks=groups["dp"][1],
+        pp_ranks=groups["one"][1],
+        sp=sp,
+        sp_rank=rank % sp,
     )
 
 

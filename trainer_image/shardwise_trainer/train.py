@@ -116,7 +116,7 @@ def run(opts: RunOptions) -> int:
     if not on_cpu:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    topo = build_topology(layout.tp, layout.pp, layout.dp)
+    topo = build_topology(layout.tp, layout.pp, layout.dp, layout.sp)
     rank = topo.rank
     device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
     # Same seed on the ranks of a TP group (dropout masks of replicated activations agree).
@@ -156,7 +156,10 @@ def run(opts: RunOptions) -> int:
     declared = int((layout.raw.get(contract.K_MODEL) or {}).get(contract.K_MODEL_PARAMETERS) or 0)
     if rank == 0 and declared and abs(built.parameters - declared) > 0.01 * declared:
         log.warning("layout declares %d parameters, the trainer's model has %d", declared, built.parameters)
-    mark_for_grad_norm(model, tp_rank=topo.tp_rank, pipeline_stage=topo.pp_rank if layout.pp > 1 else None)
+    # Under SP DeepSpeed's "model-parallel" group is the SP group: replicated parameters count once.
+    mark_for_grad_norm(
+        model, tp_rank=topo.tp_rank or topo.sp_rank, pipeline_stage=topo.pp_rank if layout.pp > 1 else None
+    )
     engine, _optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -289,10 +292,10 @@ def run(opts: RunOptions) -> int:
         # data or tensor parallelism most waiting already happened inside the step's collectives,
         # which is why the straggler analysis reads compute time, not this), and without pipeline
         # stages the same all-reduce averages the loss over the replicas (TP ranks hold equal
-        # losses: the world mean is the DP mean).
+        # losses: the world mean is the DP mean; SP ranks hold shares that add up to it).
         if topo.world_size > 1 and layout.pp == 1:
             dist.all_reduce(loss_t)
-            loss_t /= topo.world_size
+            loss_t /= topo.world_size // layout.sp
         elif topo.world_size > 1:
             dist.barrier()
         wait = time.perf_counter() - t1
@@ -372,7 +375,8 @@ def run(opts: RunOptions) -> int:
         probe_ids, probe_labels = source.micro_batch(
             step=0, micro=0, dp_rank=0, dp=1, micro_batch=layout.micro_batch, global_batch=layout.micro_batch
         )[:2]
-        probe = outputs.probe_loss(engine, probe_ids.to(device), probe_labels.to(device))
+        sp_group = built.mpu.get_sequence_parallel_group() if layout.sp > 1 else None
+        probe = outputs.probe_loss(engine, probe_ids.to(device), probe_labels.to(device), sp_group=sp_group)
         saved = outputs.save(
             engine,
             hf_model,

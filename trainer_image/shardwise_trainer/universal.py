@@ -342,8 +342,9 @@ def load_universal_plain(engine: Any, universal: Path, original: Path) -> None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     mpu = getattr(engine, "mpu", None)
-    tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
-    tp_size = mpu.get_tensor_model_parallel_world_size() if mpu is not None else 1
+    tensor = mpu is not None and hasattr(mpu, "get_tensor_model_parallel_rank")  # not Ulysses' mpu
+    tp_rank = mpu.get_tensor_model_parallel_rank() if tensor else 0
+    tp_size = mpu.get_tensor_model_parallel_world_size() if tensor else 1
 
     def own_slice(full: Any, cat_dim: int, param: Any) -> Any:
         # A full tensor saved at another TP size: this rank's slice, cut as the model cuts it.
