@@ -72,16 +72,22 @@ class Runs:
         micro_batch: int,
         offload: str = "none",
         extra: tuple[str, ...] = (),
+        sp: int = 1,
     ) -> tuple[RunResult, dict[str, Any], Path]:
+        """``sp`` > 1: the planned layout with Ulysses SP added by hand (the planner does not
+        choose it yet), on ``gpus * sp`` ranks."""
         if name not in self.results:
             layout = self.workdir / f"{name}.json"
             doc = fl.plan_layout(layout, job, gpus=gpus, zero=zero, micro_batch=micro_batch, offload=offload)
+            if sp > 1:
+                doc["layout"]["sp"] = sp
+                layout.write_text(json.dumps(doc, indent=1))
             out = self.workdir / f"{name}-out"
             args = (
                 "--hf-model", str(self.models[model]), "--output-dir", str(out),
                 "--data", str(self.models["data"]), *extra,
             )  # fmt: skip
-            result = run_trainer(layout, nproc=gpus, steps=STEPS, args=args)
+            result = run_trainer(layout, nproc=gpus * sp, steps=STEPS, args=args)
             self.results[name] = (result, doc, out)
         return self.results[name]
 
@@ -192,6 +198,21 @@ def test_full_zero3_trains_every_weight(runs: Runs) -> None:
     assert model_line(result)["trainable_parameters"] == model_line(result)["parameters"]
     assert result.losses[STEPS] < result.losses[1]
     assert_states_match_plan(result, doc)
+
+
+# --- Ulysses sequence parallelism on packed records ---------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sp2_on_packed_chat_records_gives_the_single_process_losses(runs: Runs, method: str) -> None:
+    # Packed rows carry per-sample position ids: each SP rank gets its slice of them, so the
+    # per-sample attention masking survives the split.
+    job = lora_job() if method == "lora" else fl.manifest(tiny_models.SPEC_ARCH["llama"], "full")
+    single, _, _ = runs.run(f"{method}-single-z1", model="llama", job=job, gpus=1, zero=1, micro_batch=2)
+    result, doc, _ = runs.run(f"{method}-sp2-z1", model="llama", job=job, gpus=1, zero=1, micro_batch=2, sp=2)
+    assert doc["layout"]["sp"] == 2 and [r["rank"] for r in result.ranks] == [0, 1]
+    losses_close(result, single)
+    assert result.losses[STEPS] < result.losses[1]
 
 
 # --- outputs load in a fresh process -------------------------------------------------------------

@@ -164,8 +164,8 @@ _ULYSSES: dict[str, Any] = {"method": "full", "model": "pretrained", "sp": 2, "f
         ({"method": "lora", "model": "builtin"}, "needs a pretrained model"),
         ({"method": "inference", "model": "pretrained"}, "method inference"),
         ({"method": "full", "model": "builtin", "pp": 2, "zero_stage": 1, "offload": "optimizer"}, "pp=1"),
-        ({**_ULYSSES, "model": "builtin"}, "sp=2: Ulysses sequence parallelism runs for full fine-tuning"),
-        ({**_ULYSSES, "method": "lora"}, "sp=2: Ulysses sequence parallelism runs for full fine-tuning"),
+        ({**_ULYSSES, "model": "builtin"}, "sp=2: Ulysses sequence parallelism runs for full and LoRA"),
+        ({**_ULYSSES, "method": "qlora"}, "sp=2: Ulysses sequence parallelism runs for full and LoRA"),
         ({**_ULYSSES, "tp": 2}, "sp=2 with tp=2, pp=1: Ulysses sequence parallelism runs with tp=1"),
         ({**_ULYSSES, "zero_stage": 0}, "ZeRO stage 0 with sp=2"),
         ({**_ULYSSES, "zero_stage": 3, "offload": "optimizer"}, "offload=optimizer with sp=2"),
@@ -204,10 +204,12 @@ def test_what_runs_is_not_refused(method: str, zero: int, offload: str) -> None:
     assert reason is None
 
 
-@pytest.mark.parametrize(("zero", "family"), [(1, "llama"), (2, "mistral"), (3, "qwen2")])
-def test_a_pretrained_model_runs_ulysses_sequence_parallel(zero: int, family: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "zero", "family"), [("full", 1, "llama"), ("full", 2, "mistral"), ("lora", 3, "qwen2")]
+)
+def test_a_pretrained_model_runs_ulysses_sequence_parallel(method: str, zero: int, family: str) -> None:
     reason = trainer_caps.refusal(
-        method="full",
+        method=method,
         model="pretrained",
         tp=1,
         pp=1,

@@ -100,7 +100,12 @@ TABLE: Final[tuple[Capability, ...]] = (
         zero_stages=(0, 1, 2, 3),
         pipeline_zero_stages=(),
         offloads=("none", "optimizer", "all"),
-        limits="LoRA runs data parallel (ZeRO 0-3) with tp=1, pp=1",
+        limits=(
+            "LoRA runs data parallel (ZeRO 0-3) with tp=1, pp=1, and Ulysses sequence parallel with "
+            "ZeRO 1-3, no offload, text-only Llama / Mistral / Qwen2 models"
+        ),
+        max_sp=0,
+        sequence_families=("llama", "mistral", "qwen2"),
     ),
     Capability(
         "qlora",
@@ -252,7 +257,8 @@ def refusal(
             reasons.append(f"offload={offload} with pp={pp}: {c.limits}")
         elif sp > 1 and c.max_sp != 0 and sp > c.max_sp:
             reasons.append(
-                f"sp={sp}: Ulysses sequence parallelism runs for full fine-tuning of a pretrained model only"
+                f"sp={sp}: Ulysses sequence parallelism runs for full and LoRA fine-tuning of a "
+                "pretrained model only"
             )
         elif sp > 1 and (tp > 1 or pp > 1):
             reasons.append(
