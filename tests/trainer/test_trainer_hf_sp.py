@@ -18,8 +18,9 @@ from typing import Any
 import layouts
 import pytest
 from test_trainer_equivalence import TOLERANCE
-from test_trainer_hf import HF_ARCH, LR, STEPS, _env, hf_model_dir, requires_transformers  # noqa: F401
-from trainer_runner import RunResult, run_trainer
+from test_trainer_hf import HF_ARCH, LR, STEPS, hf_model_dir, requires_transformers  # noqa: F401
+from test_trainer_hf_tp import run_hf
+from trainer_runner import RunResult
 
 pytestmark = pytest.mark.trainer
 
@@ -56,14 +57,9 @@ def sp_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _run(layout: Path, nproc: int, model: Path, *extra: str, steps: int = STEPS) -> RunResult:
-    args = ("--hf-model", str(model), "--lr", str(LR), *extra)
-    return run_trainer(layout, nproc=nproc, steps=steps, args=args, env=_env())
-
-
 @pytest.fixture(scope="module")
 def single(hf_model_dir: Path, sp_layouts: dict[str, Path]) -> RunResult:  # noqa: F811
-    return _run(sp_layouts["single"], 1, hf_model_dir)
+    return run_hf(sp_layouts["single"], 1, hf_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +69,7 @@ def sp2(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> RunResult:
     out = tmp_path_factory.mktemp("hf-sp2-out") / "model"
-    run = _run(sp_layouts["sp2-zero1"], 2, hf_model_dir, "--output-dir", str(out))
+    run = run_hf(sp_layouts["sp2-zero1"], 2, hf_model_dir, "--output-dir", str(out))
     run.output_dir = out  # type: ignore[attr-defined]
     return run
 
@@ -99,7 +95,7 @@ def test_sp2_under_zero2_zero3_and_with_data_parallelism_matches_single_process(
     hf_model_dir: Path,  # noqa: F811
     sp_layouts: dict[str, Path],
 ) -> None:
-    run = _run(sp_layouts[case], nproc, hf_model_dir)
+    run = run_hf(sp_layouts[case], nproc, hf_model_dir)
     FIGURES[f"hf-{case}"] = diff = _max_diff(run, single)
     print(f"hf {case} vs single: max |dloss| = {diff:.2e}")
     assert diff <= TOLERANCE, (run.losses, single.losses)
@@ -132,9 +128,9 @@ def test_sp2_resumes_at_its_layout_on_the_uninterrupted_curve(
     tmp_path: Path,
 ) -> None:
     ckpt = ("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4")
-    first = _run(sp_layouts["sp2-zero1"], 2, hf_model_dir, *ckpt, steps=4)
+    first = run_hf(sp_layouts["sp2-zero1"], 2, hf_model_dir, *ckpt, steps=4)
     assert sorted(first.losses) == [1, 2, 3, 4], first.stderr[-3000:]
-    second = _run(sp_layouts["sp2-zero1"], 2, hf_model_dir, *ckpt)
+    second = run_hf(sp_layouts["sp2-zero1"], 2, hf_model_dir, *ckpt)
     assert second.events["resume"][0]["step"] == 4, second.stderr[-3000:]
     assert not second.events["resume"][0]["universal"]
     assert sorted(second.losses) == list(range(5, STEPS + 1)), second.stderr[-3000:]

@@ -43,14 +43,15 @@ def tp_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _run(layout: Path, nproc: int, model: Path, *extra: str) -> RunResult:
+def run_hf(layout: Path, nproc: int, model: Path, *extra: str, steps: int = STEPS) -> RunResult:
+    """The trainer of this checkout on the tiny pretrained model, at the HF tests' learning rate."""
     args = ("--hf-model", str(model), "--lr", str(LR), *extra)
-    return run_trainer(layout, nproc=nproc, steps=STEPS, args=args, env=_env())
+    return run_trainer(layout, nproc=nproc, steps=steps, args=args, env=_env())
 
 
 @pytest.fixture(scope="module")
 def single(hf_model_dir: Path, tp_layouts: dict[str, Path]) -> RunResult:  # noqa: F811
-    return _run(tp_layouts["single"], 1, hf_model_dir)
+    return run_hf(tp_layouts["single"], 1, hf_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def tp2(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> RunResult:
     out = tmp_path_factory.mktemp("hf-tp2-out") / "model"
-    run = _run(tp_layouts["tp2"], 2, hf_model_dir, "--output-dir", str(out))
+    run = run_hf(tp_layouts["tp2"], 2, hf_model_dir, "--output-dir", str(out))
     run.output_dir = out  # type: ignore[attr-defined]
     return run
 
